@@ -1,0 +1,54 @@
+// Differentiable operations. Each one runs its kernel through the input's Backend and, when an
+// input requires grad, records a Node whose backward calls the matching backward kernel.
+// Forward and backward of an op live side by side in autograd/ops/<family>.cpp.
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace nha {
+
+// ---- elementwise (same shapes; no broadcasting) -------------------------------------------------
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor scale(const Tensor& a, double s);
+inline Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
+inline Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
+inline Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
+inline Tensor operator*(const Tensor& a, double s) { return scale(a, s); }
+inline Tensor operator*(double s, const Tensor& a) { return scale(a, s); }
+
+// ---- reductions ---------------------------------------------------------------------------------
+Tensor sum(const Tensor& a);                               // scalar (shape [])
+Tensor mean(const Tensor& a);                              // scalar
+Tensor sum(const Tensor& a, int64_t dim, bool keepdim = false);
+
+// ---- matrix products ----------------------------------------------------------------------------
+// a [..., M, K] @ b [K, N] -> [..., M, N]; or batched a [B, M, K] @ b [B, K, N] -> [B, M, N].
+Tensor matmul(const Tensor& a, const Tensor& b);
+// y = x W^T: x [..., in], weight [out, in] -> [..., out] (PyTorch's nn.Linear layout, no bias).
+Tensor linear(const Tensor& x, const Tensor& weight);
+
+// ---- model ops ----------------------------------------------------------------------------------
+// table [V, C], ids [...] (i32/i64) -> [..., C]
+Tensor embedding(const Tensor& table, const Tensor& ids);
+// x [..., C], weight [C] -> [..., C]
+Tensor rmsnorm(const Tensor& x, const Tensor& weight, double eps);
+// x [B, T, H, D] -> rotated by position start_pos + t (rotate-half, see kernels/backend.h)
+Tensor rope(const Tensor& x, double base = 10000.0, int64_t start_pos = 0);
+Tensor silu(const Tensor& x);
+Tensor swiglu(const Tensor& gate, const Tensor& up);      // silu(gate) * up
+Tensor softmax(const Tensor& x);                          // over the last dim
+// q, k, v [B, T, H, D] -> [B, T, H, D]; causal, keys t-window < j <= t (window <= 0: unlimited).
+// scale <= 0 means 1/sqrt(D).
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window = 0,
+                 double scale = 0.0);
+// Same, also returning the log-sum-exp of the scores, lse [B, H, T] (not differentiable).
+std::pair<Tensor, Tensor> attention_with_lse(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             int64_t window = 0, double scale = 0.0);
+// Mean over non-ignored rows of -log softmax(logits)[target]. logits [N, V], targets [N].
+// A batch where every target is ignored has loss 0 (and zero gradient).
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
+
+}  // namespace nha

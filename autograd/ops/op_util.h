@@ -1,0 +1,30 @@
+// Small helpers shared by the op files (autograd/ops/*.cpp).
+#pragma once
+#include <vector>
+
+#include "autograd/node.h"
+#include "core/tensor.h"
+#include "kernels/backend.h"
+
+namespace nha::ops_detail {
+
+// A new contiguous tensor like `t` (shape, dtype, device).
+inline Tensor empty_like(const Tensor& t) { return Tensor::empty(t.shape(), t.dtype(), t.device()); }
+
+// Records `node` as the producer of `out` when any input requires grad. Returns whether it did.
+template <typename NodeT>
+bool record(const std::shared_ptr<NodeT>& node, const std::vector<Tensor>& inputs, Tensor& out) {
+  if (!autograd::any_requires_grad(inputs)) return false;
+  std::vector<Tensor> outs{out};
+  autograd::attach(node, inputs, outs);
+  return true;
+}
+
+// Checks that all tensors sit on the device of the first one.
+inline void check_same_device(const std::vector<Tensor>& ts, const char* op) {
+  for (const Tensor& t : ts)
+    NHA_CHECK(t.device() == ts[0].device())
+        << op << ": inputs on different devices (" << ts[0].str() << " and " << t.str() << ")";
+}
+
+}  // namespace nha::ops_detail

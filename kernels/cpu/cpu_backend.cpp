@@ -1,0 +1,219 @@
+// CPU backend: memory, elementwise, reductions and GEMM.
+#include "kernels/cpu/cpu_backend.h"
+
+#include <cblas.h>
+
+#include <cstring>
+
+#include "core/random.h"
+
+namespace nha {
+
+Backend& cpu_backend() {
+  static CpuBackend backend;
+  return backend;
+}
+
+// ---- memory -------------------------------------------------------------------------------------
+
+void CpuBackend::copy_bytes(void* dst, Device dst_device, const void* src, Device src_device,
+                            size_t nbytes) {
+  NHA_CHECK(dst_device.is_cpu() && src_device.is_cpu())
+      << "cpu backend asked to copy " << src_device.str() << " -> " << dst_device.str();
+  if (nbytes) std::memcpy(dst, src, nbytes);
+}
+
+void CpuBackend::copy_strided(Tensor& out, const Tensor& in) {
+  check_same_shape(out, in, "copy_strided");
+  const size_t esize = dtype_size(in.dtype());
+  const int64_t n = in.numel(), nd = in.dim();
+  const char* src = static_cast<const char*>(in.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const Shape& shape = in.shape();
+  const Shape& strides = in.strides();
+  // Each thread walks its own range of output indices, decoding the source offset per element.
+#pragma omp parallel for schedule(static) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t rem = i, src_off = 0;
+    for (int64_t d = nd - 1; d >= 0; --d) {
+      src_off += (rem % shape[d]) * strides[d];
+      rem /= shape[d];
+    }
+    std::memcpy(dst + i * esize, src + src_off * esize, esize);
+  }
+}
+
+namespace {
+// Element i of any dtype as double, and back.
+double load_as_double(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::F64: return static_cast<const double*>(p)[i];
+    case DType::BF16: return float(static_cast<const bf16*>(p)[i]);
+    case DType::I32: return static_cast<const int32_t*>(p)[i];
+    case DType::I64: return double(static_cast<const int64_t*>(p)[i]);
+  }
+  return 0;
+}
+void store_double(void* p, DType t, int64_t i, double v) {
+  switch (t) {
+    case DType::F32: static_cast<float*>(p)[i] = float(v); return;
+    case DType::F64: static_cast<double*>(p)[i] = v; return;
+    case DType::BF16: static_cast<bf16*>(p)[i] = bf16(float(v)); return;
+    case DType::I32: static_cast<int32_t*>(p)[i] = int32_t(v); return;
+    case DType::I64: static_cast<int64_t*>(p)[i] = int64_t(v); return;
+  }
+}
+}  // namespace
+
+void CpuBackend::fill(Tensor& out, double value) {
+  const int64_t n = out.numel();
+  void* p = out.data_ptr();
+  DType t = out.dtype();
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) store_double(p, t, i, value);
+}
+
+void CpuBackend::cast(Tensor& out, const Tensor& in) {
+  check_same_shape(out, in, "cast");
+  const int64_t n = in.numel();
+  const void* src = in.data_ptr();
+  void* dst = out.data_ptr();
+  DType ts = in.dtype(), td = out.dtype();
+  if (ts == DType::I64 && td == DType::I32) {  // exact path: ids do not round-trip through double
+    for (int64_t i = 0; i < n; ++i)
+      static_cast<int32_t*>(dst)[i] = int32_t(static_cast<const int64_t*>(src)[i]);
+    return;
+  }
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) store_double(dst, td, i, load_as_double(src, ts, i));
+}
+
+void CpuBackend::fill_normal(Tensor& out, uint64_t seed, uint64_t offset, double std) {
+  const int64_t n = out.numel();
+  void* p = out.data_ptr();
+  DType t = out.dtype();
+#pragma omp parallel for schedule(static) if (n > 16384)
+  for (int64_t i = 0; i < n; ++i) store_double(p, t, i, std * philox_normal(seed, offset + i));
+}
+
+void CpuBackend::fill_uniform(Tensor& out, uint64_t seed, uint64_t offset, double lo, double hi) {
+  const int64_t n = out.numel();
+  void* p = out.data_ptr();
+  DType t = out.dtype();
+#pragma omp parallel for schedule(static) if (n > 16384)
+  for (int64_t i = 0; i < n; ++i) store_double(p, t, i, philox_uniform(seed, offset + i, lo, hi));
+}
+
+// ---- elementwise --------------------------------------------------------------------------------
+
+void CpuBackend::add(Tensor& out, const Tensor& a, const Tensor& b, double alpha, double beta) {
+  check_same_shape(a, b, "add");
+  dispatch_floating(a, "add", [&]<typename T>() {
+    const T *pa = a.data<T>(), *pb = b.data<T>();
+    T* po = out.data<T>();
+    const T al = T(alpha), be = T(beta);
+    const int64_t n = a.numel();
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) po[i] = al * pa[i] + be * pb[i];
+  });
+}
+
+void CpuBackend::mul(Tensor& out, const Tensor& a, const Tensor& b) {
+  check_same_shape(a, b, "mul");
+  dispatch_floating(a, "mul", [&]<typename T>() {
+    const T *pa = a.data<T>(), *pb = b.data<T>();
+    T* po = out.data<T>();
+    const int64_t n = a.numel();
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) po[i] = pa[i] * pb[i];
+  });
+}
+
+void CpuBackend::scale(Tensor& out, const Tensor& a, double s) {
+  dispatch_floating(a, "scale", [&]<typename T>() {
+    const T* pa = a.data<T>();
+    T* po = out.data<T>();
+    const T st = T(s);
+    const int64_t n = a.numel();
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) po[i] = st * pa[i];
+  });
+}
+
+// ---- reductions ---------------------------------------------------------------------------------
+
+void CpuBackend::sum_dim(Tensor& out, const Tensor& in, int64_t outer, int64_t n, int64_t inner) {
+  dispatch_floating(in, "sum_dim", [&]<typename T>() {
+    const T* x = in.data<T>();
+    T* y = out.data<T>();
+    // Accumulate in double for f32 too: sums feed losses and gradient checks.
+#pragma omp parallel for collapse(2) schedule(static) if (outer * inner > 1024)
+    for (int64_t o = 0; o < outer; ++o)
+      for (int64_t i = 0; i < inner; ++i) {
+        double acc = 0;
+        for (int64_t k = 0; k < n; ++k) acc += x[(o * n + k) * inner + i];
+        y[o * inner + i] = T(acc);
+      }
+  });
+}
+
+void CpuBackend::broadcast_dim(Tensor& out, const Tensor& in, int64_t outer, int64_t n,
+                               int64_t inner) {
+  dispatch_floating(in, "broadcast_dim", [&]<typename T>() {
+    const T* x = in.data<T>();
+    T* y = out.data<T>();
+#pragma omp parallel for collapse(2) schedule(static) if (outer * n * inner > 65536)
+    for (int64_t o = 0; o < outer; ++o)
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t i = 0; i < inner; ++i) y[(o * n + k) * inner + i] = x[o * inner + i];
+  });
+}
+
+void CpuBackend::sum_squares(Tensor& out, const Tensor& x) {
+  dispatch_floating(x, "sum_squares", [&]<typename T>() {
+    const T* p = x.data<T>();
+    const int64_t n = x.numel();
+    double acc = 0;
+#pragma omp parallel for reduction(+ : acc) schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) acc += double(p[i]) * double(p[i]);
+    store_double(out.data_ptr(), out.dtype(), 0, acc);
+  });
+}
+
+// ---- GEMM ---------------------------------------------------------------------------------------
+
+void CpuBackend::gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
+                      double alpha, double beta) {
+  NHA_CHECK(a.dim() == b.dim() && a.dim() == c.dim() && (a.dim() == 2 || a.dim() == 3))
+      << "gemm wants 2-D or 3-D operands of equal rank, got " << a.str() << ", " << b.str()
+      << ", " << c.str();
+  const bool batched = a.dim() == 3;
+  const int64_t batch = batched ? c.size(0) : 1;
+  const int64_t M = c.size(-2), N = c.size(-1);
+  const int64_t K = trans_a ? a.size(-2) : a.size(-1);
+  NHA_CHECK((trans_a ? a.size(-1) : a.size(-2)) == M && (trans_b ? b.size(-1) : b.size(-2)) == K &&
+            (trans_b ? b.size(-2) : b.size(-1)) == N)
+      << "gemm shapes do not chain: " << a.str() << (trans_a ? "^T" : "") << " @ " << b.str()
+      << (trans_b ? "^T" : "") << " -> " << c.str();
+  const int64_t a_batch = batched ? a.size(0) : 1, b_batch = batched ? b.size(0) : 1;
+  NHA_CHECK((a_batch == batch || a_batch == 1) && (b_batch == batch || b_batch == 1))
+      << "gemm batch sizes differ: " << a.str() << ", " << b.str() << ", " << c.str();
+  const int64_t a_step = a_batch == 1 ? 0 : M * K, b_step = b_batch == 1 ? 0 : K * N;
+  const auto ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
+  const int64_t lda = a.size(-1), ldb = b.size(-1);
+  dispatch_floating(c, "gemm", [&]<typename T>() {
+    for (int64_t i = 0; i < batch; ++i) {
+      const T* pa = a.data<T>() + i * a_step;
+      const T* pb = b.data<T>() + i * b_step;
+      T* pc = c.data<T>() + i * M * N;
+      if constexpr (std::is_same_v<T, float>)
+        cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, float(alpha), pa, lda, pb, ldb, float(beta),
+                    pc, N);
+      else
+        cblas_dgemm(CblasRowMajor, ta, tb, M, N, K, alpha, pa, lda, pb, ldb, beta, pc, N);
+    }
+  });
+}
+
+}  // namespace nha

@@ -1,0 +1,39 @@
+// Shared test helpers: relative RMS error, random tensors, float64 finite-difference gradient checks.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "autograd/node.h"
+#include "autograd/ops.h"
+#include "core/random.h"
+#include "core/tensor.h"
+
+namespace nha::testing {
+
+// ||out - ref|| / ||ref|| over all elements (both converted to double on the host).
+// Returns +inf if any element of `out` is NaN/inf, so a NaN never passes a threshold.
+double rel_rms(const Tensor& out, const Tensor& ref);
+double max_abs_diff(const Tensor& a, const Tensor& b);
+
+// Fresh N(0, std^2) f64/f32 tensor on the CPU from a per-test seed.
+Tensor randn(const Shape& shape, uint64_t seed, DType dtype = DType::F64, double std = 1.0);
+
+// Central finite differences in float64 of L = sum(f(inputs) * w) for a fixed random weight w,
+// against the autograd gradients of every input that requires grad. Inputs must be f64.
+// Reports each input whose gradient's rel_rms error exceeds `tolerance`.
+struct GradcheckOptions {
+  double step = 1e-6;
+  double tolerance = 1e-6;
+  uint64_t seed = 1234;
+};
+::testing::AssertionResult gradcheck(
+    const std::function<Tensor(const std::vector<Tensor>&)>& f, std::vector<Tensor> inputs,
+    const GradcheckOptions& options = {});
+
+// Path of a file under ../shared/data, or "" when the shared data is absent (test then skips).
+std::string shared_data(const std::string& relative);
+
+}  // namespace nha::testing
