@@ -1,18 +1,26 @@
-// The `nha` command: one binary, one subcommand per job.
+// The `nha` command: one binary, one subcommand per job. Each apps/cmd_*.cpp registers its own.
 #include <CLI/CLI.hpp>
 
 #include <iostream>
 
 #include "core/error.h"
 
+namespace nha::apps {
+void register_data_commands(CLI::App& app);  // apps/cmd_data.cpp
+}
+
 int main(int argc, char** argv) {
   CLI::App app{"nha: train and evaluate Native Hybrid Attention language models"};
   app.require_subcommand(1);
+  nha::apps::register_data_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const nha::Error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  } catch (const std::exception& e) {  // e.g. std::filesystem errors
     std::cerr << "error: " << e.what() << "\n";
     return 1;
   }

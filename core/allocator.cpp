@@ -43,6 +43,9 @@ Allocator*& registered(DeviceKind kind) {
 
 Allocator& allocator_for(DeviceKind kind) {
   Allocator* a = registered(kind);
+#ifdef NHA_WITH_CUDA
+  if (a == nullptr && kind == DeviceKind::CUDA) a = registered(kind) = &cuda_allocator();
+#endif
   NHA_CHECK(a != nullptr) << "no allocator for device kind " << int(kind)
                           << ". HINT: this binary was built without the CUDA backend "
                              "(configure with -DNHA_CUDA=ON on a machine with nvcc)";

@@ -22,6 +22,12 @@ class Allocator {
 Allocator& allocator_for(DeviceKind kind);
 // Called by a backend when it is loaded; the registry does not take ownership.
 void register_allocator(DeviceKind kind, Allocator* allocator);
+#ifdef NHA_WITH_CUDA
+// The CUDA caching allocator (kernels/cuda/allocator.cpp). allocator_for(DeviceKind::CUDA)
+// registers it on first use: calling it from here makes the static-library linker keep the CUDA
+// objects, which a static-initialization registration alone would not guarantee.
+Allocator& cuda_allocator();
+#endif
 
 // A block of device memory shared by every tensor that views it. `version` counts in-place writes:
 // autograd records it when a tensor is saved for backward and refuses to use the tensor if it

@@ -83,6 +83,9 @@ Backend& cpu_backend();  // kernels/cpu/cpu_backend.cpp
 Backend& backend_for(Device device) {
   if (device.is_cpu()) return cpu_backend();
   Backend* b = registered(device.kind);
+#ifdef NHA_WITH_CUDA
+  if (b == nullptr && device.is_cuda()) b = registered(device.kind) = &cuda_backend();
+#endif
   NHA_CHECK(b != nullptr) << "no backend for " << device.str()
                           << ". HINT: this binary was built without CUDA; rebuild with "
                              "-DNHA_CUDA=ON on a machine with nvcc, or use device cpu";

@@ -11,6 +11,12 @@ namespace nha::ops_detail {
 // A new contiguous tensor like `t` (shape, dtype, device).
 inline Tensor empty_like(const Tensor& t) { return Tensor::empty(t.shape(), t.dtype(), t.device()); }
 
+// The dtype of statistics and losses computed from `t` (rstd, per-row losses): f32 for bf16 inputs,
+// else t's own (DESIGN.md: full-precision statistics and loss under bf16 activations).
+inline DType stats_dtype(const Tensor& t) {
+  return t.dtype() == DType::BF16 ? DType::F32 : t.dtype();
+}
+
 // Records `node` as the producer of `out` when any input requires grad. Returns whether it did.
 template <typename NodeT>
 bool record(const std::shared_ptr<NodeT>& node, const std::vector<Tensor>& inputs, Tensor& out) {

@@ -1,0 +1,80 @@
+// CPU cross-entropy per row: losses forward, logits gradient backward (softmax never stored).
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cpu/cpu_backend.h"
+
+namespace nha {
+
+namespace {
+
+// Every target is ignore_index or in [0, V). Checked before the OpenMP loops: an exception must
+// not leave a parallel region.
+void check_targets(const Tensor& targets, int64_t N, int64_t V, int64_t ignore_index) {
+  check_ids(targets, "cross_entropy");
+  NHA_CHECK(targets.numel() == N) << "cross_entropy: " << targets.str() << " targets for " << N
+                                  << " rows of logits";
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t t = id_at(targets, n);
+    NHA_CHECK(t == ignore_index || (t >= 0 && t < V))
+        << "cross_entropy: target " << t << " at row " << n << " is outside [0, " << V
+        << ") and is not ignore_index (" << ignore_index
+        << "). HINT: the vocab size of the data and of the model must agree";
+  }
+}
+
+// log sum_c exp(x[c]) = m + log sum_c exp(x[c] - m), m = max_c x[c]; summed in double.
+template <typename T>
+double logsumexp(const T* x, int64_t V) {
+  const double m = double(*std::max_element(x, x + V));
+  double s = 0;
+  for (int64_t c = 0; c < V; ++c) s += std::exp(double(x[c]) - m);
+  return m + std::log(s);
+}
+
+}  // namespace
+
+// losses[n] = logsumexp_c(logits[n,c]) - logits[n, targets[n]], or 0 where targets[n] == ignore
+//   logits [N, V]; targets [N] (i32/i64); losses [N]
+void CpuBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets,
+                                       int64_t ignore_index) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  check_targets(targets, N, V, ignore_index);
+  dispatch_floating(logits, "cross_entropy_forward", [&]<typename T>() {
+    const T* x = logits.data<T>();  // [N, V]
+    T* l = losses.data<T>();        // [N]
+#pragma omp parallel for schedule(static) if (N * V > 16384)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t t = id_at(targets, n);
+      l[n] = t == ignore_index ? T(0) : T(logsumexp(x + n * V, V) - double(x[n * V + t]));
+    }
+  });
+}
+
+// dlogits[n,c] = dlosses[n] * (exp(logits[n,c] - logsumexp_c'(logits[n,c'])) - [c == targets[n]]),
+// and 0 on rows where targets[n] == ignore
+//   logits, dlogits [N, V]; targets, dlosses [N]
+void CpuBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
+                                        const Tensor& targets, const Tensor& dlosses,
+                                        int64_t ignore_index) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  check_targets(targets, N, V, ignore_index);
+  dispatch_floating(logits, "cross_entropy_backward", [&]<typename T>() {
+    const T *x = logits.data<T>(), *dl = dlosses.data<T>();  // [N, V], [N]
+    T* dx = dlogits.data<T>();                               // [N, V]
+#pragma omp parallel for schedule(static) if (N * V > 16384)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t t = id_at(targets, n);
+      T* row = dx + n * V;
+      if (t == ignore_index) {
+        std::fill(row, row + V, T(0));
+        continue;
+      }
+      const T* xr = x + n * V;
+      const double lse = logsumexp(xr, V), g = dl[n];
+      for (int64_t c = 0; c < V; ++c) row[c] = T(g * (std::exp(double(xr[c]) - lse) - (c == t)));
+    }
+  });
+}
+
+}  // namespace nha

@@ -1,0 +1,63 @@
+// CPU RMSNorm over the last dim: forward and backward.
+#include <cmath>
+
+#include "kernels/cpu/cpu_backend.h"
+
+namespace nha {
+
+// rstd[n] = 1 / sqrt(mean_c x[n,c]^2 + eps);  out[n,c] = x[n,c] * rstd[n] * w[c]
+//   x, out [N, C] (any leading shape flattened to N rows); w [C]; rstd [N]
+// The sum of squares is accumulated in double.
+void CpuBackend::rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
+                                 double eps) {
+  const int64_t C = x.size(-1), N = x.numel() / C;
+  NHA_CHECK(w.numel() == C && rstd.numel() == N)
+      << "rmsnorm: x " << x.str() << ", weight " << w.str() << ", rstd " << rstd.str();
+  dispatch_floating(x, "rmsnorm_forward", [&]<typename T>() {
+    const T *px = x.data<T>(), *pw = w.data<T>();  // [N, C], [C]
+    T *py = out.data<T>(), *pr = rstd.data<T>();   // [N, C], [N]
+#pragma omp parallel for schedule(static) if (N * C > 16384)
+    for (int64_t n = 0; n < N; ++n) {
+      const T* xr = px + n * C;
+      double ss = 0;
+      for (int64_t c = 0; c < C; ++c) ss += double(xr[c]) * double(xr[c]);
+      const T r = T(1.0 / std::sqrt(ss / double(C) + eps));
+      pr[n] = r;
+      for (int64_t c = 0; c < C; ++c) py[n * C + c] = xr[c] * r * pw[c];
+    }
+  });
+}
+
+// With xhat = x * rstd (per row):
+//   dx[n,c] = rstd[n] * (w[c] dout[n,c] - xhat[n,c] * mean_c'(xhat[n,c'] w[c'] dout[n,c']))
+//   dw[c]   = sum_n dout[n,c] xhat[n,c]
+//   dout, x, dx [N, C]; w, dw [C]; rstd [N]
+// dx is parallel over rows, dw over columns (each column summed in row order: deterministic);
+// both reductions accumulate in double.
+void CpuBackend::rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x,
+                                  const Tensor& w, const Tensor& rstd) {
+  const int64_t C = x.size(-1), N = x.numel() / C;
+  dispatch_floating(x, "rmsnorm_backward", [&]<typename T>() {
+    const T *pg = dout.data<T>(), *px = x.data<T>();  // [N, C]
+    const T *pw = w.data<T>(), *pr = rstd.data<T>();  // [C], [N]
+    T *pdx = dx.data<T>(), *pdw = dw.data<T>();       // [N, C], [C]
+#pragma omp parallel for schedule(static) if (N * C > 16384)
+    for (int64_t n = 0; n < N; ++n) {
+      const T *g = pg + n * C, *xr = px + n * C;
+      const double r = pr[n];
+      double dot = 0;  // sum_c xhat * w * dout
+      for (int64_t c = 0; c < C; ++c) dot += double(xr[c]) * r * double(pw[c]) * double(g[c]);
+      const double m = dot / double(C);
+      for (int64_t c = 0; c < C; ++c)
+        pdx[n * C + c] = T(r * (double(pw[c]) * double(g[c]) - double(xr[c]) * r * m));
+    }
+#pragma omp parallel for schedule(static) if (N * C > 16384)
+    for (int64_t c = 0; c < C; ++c) {
+      double acc = 0;
+      for (int64_t n = 0; n < N; ++n) acc += double(pg[n * C + c]) * double(px[n * C + c]) * pr[n];
+      pdw[c] = T(acc);
+    }
+  });
+}
+
+}  // namespace nha

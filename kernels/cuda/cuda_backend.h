@@ -1,0 +1,75 @@
+// The CUDA backend: every Backend method for f32 and bf16 tensors on cuda:N.
+//
+// Kernels compute in f32 (bf16 is a storage type); statistics and losses (rstd, lse, per-row
+// losses, sum_squares) are f32 tensors even when the inputs are bf16. One .cu file per op family
+// holds the forward and backward kernels side by side:
+//   memory.cu        copy_strided, fill, cast, fill_normal / fill_uniform (Philox, same as CPU)
+//   elementwise.cu   add, mul, scale, silu, swiglu, adamw_step
+//   reduce.cu        sum_dim, broadcast_dim, sum_squares (deterministic two-pass reductions)
+//   gemm.cpp         gemm through cuBLASLt (bf16 in / f32 accumulate; true f32 for f32)
+//   embedding.cu     embedding forward / backward (deterministic: radix sort + segment sums)
+//   rmsnorm.cu       RMSNorm forward / backward
+//   rope.cu          rotary embedding (inverse = backward)
+//   softmax.cu       softmax forward / backward, fused cross-entropy forward / backward
+//   attention.cu     flash attention forward / backward (mma.sync, bf16) + a simple f32 path
+// cuda_backend.cpp holds copy_bytes, synchronize and the backend object.
+#pragma once
+#include "kernels/backend.h"
+
+namespace nha {
+
+class CudaBackend final : public Backend {
+ public:
+  const char* name() const override { return "cuda"; }
+
+  void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device,
+                  size_t nbytes) override;
+  void copy_strided(Tensor& out, const Tensor& in) override;
+  void fill(Tensor& out, double value) override;
+  void cast(Tensor& out, const Tensor& in) override;
+  void fill_normal(Tensor& out, uint64_t seed, uint64_t offset, double std) override;
+  void fill_uniform(Tensor& out, uint64_t seed, uint64_t offset, double lo, double hi) override;
+
+  void add(Tensor& out, const Tensor& a, const Tensor& b, double alpha, double beta) override;
+  void mul(Tensor& out, const Tensor& a, const Tensor& b) override;
+  void scale(Tensor& out, const Tensor& a, double s) override;
+  void sum_dim(Tensor& out, const Tensor& in, int64_t outer, int64_t n, int64_t inner) override;
+  void broadcast_dim(Tensor& out, const Tensor& in, int64_t outer, int64_t n,
+                     int64_t inner) override;
+  void sum_squares(Tensor& out, const Tensor& x) override;
+
+  void gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
+            double beta) override;
+
+  void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) override;
+  void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) override;
+  void rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
+                       double eps) override;
+  void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x,
+                        const Tensor& w, const Tensor& rstd) override;
+  void rope(Tensor& out, const Tensor& x, double base, int64_t start_pos, bool inverse) override;
+  void silu_forward(Tensor& out, const Tensor& x) override;
+  void silu_backward(Tensor& dx, const Tensor& dout, const Tensor& x) override;
+  void swiglu_forward(Tensor& out, const Tensor& gate, const Tensor& up) override;
+  void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tensor& gate,
+                       const Tensor& up) override;
+  void softmax_forward(Tensor& out, const Tensor& x) override;
+  void softmax_backward(Tensor& dx, const Tensor& dout, const Tensor& out) override;
+  void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                         const Tensor& v, double scale, int64_t window) override;
+  void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q,
+                          const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                          double scale, int64_t window) override;
+  void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets,
+                             int64_t ignore_index) override;
+  void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                              const Tensor& dlosses, int64_t ignore_index) override;
+  void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr,
+                  double beta1, double beta2, double eps, double weight_decay,
+                  int64_t step) override;
+
+  // Waits for every device this process used and reports errors recorded by kernels.
+  void synchronize() override;
+};
+
+}  // namespace nha

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# One GPU session's worth of checks, in the order that matters if time runs out:
+#   1. configure + build the GPU targets (nha_tests_gpu, bench_attention) with every core
+#   2. ctest -L gpu (every CUDA op vs the CPU reference, determinism, Philox CPU == GPU)
+#   3. compute-sanitizer memcheck over a smaller filtered set of the GPU tests
+#   4. benchmarks: bench_attention and, in the same run, the PyTorch SDPA peer (.peer/attn_sdpa.py,
+#      copied from ../shared/bench beforehand: mkdir -p .peer && cp ../shared/bench/*.py .peer/),
+#      merged into attention.json with our/SDPA ratios
+#   5. the rest of the build (ninja -C build-gpu), so a break elsewhere cannot hide GPU results
+# Logs and JSON go to $OUT (default ./gpu-check-out); the last lines printed are a summary.
+#
+# Usage: scripts/gpu-check.sh [--no-sanitizer] [--no-bench] [--no-full-build]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+sanitizer=1 bench=1 full=1
+for a in "$@"; do
+  case $a in
+    --no-sanitizer) sanitizer=0 ;;
+    --no-bench) bench=0 ;;
+    --no-full-build) full=0 ;;
+    *) echo "unknown option $a"; exit 2 ;;
+  esac
+done
+summary=()
+note() { summary+=("$1"); echo "== $1"; }
+export NHA_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+jobs=$(nproc)
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | head -2
+
+t0=$SECONDS
+if cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -B build-gpu >"$OUT/build.log" 2>&1 &&
+   timeout 360 ninja -C build-gpu -j"$jobs" nha_tests_gpu bench_attention >>"$OUT/build.log" 2>&1; then
+  note "build of GPU targets: ok ($((SECONDS - t0)) s)"
+else
+  note "build of GPU targets: FAILED ($((SECONDS - t0)) s), see build.log"
+  grep -E "error|Error" "$OUT/build.log" | head -30
+  printf '%s\n' "${summary[@]}"
+  exit 1
+fi
+
+t0=$SECONDS
+if timeout 150 ctest --test-dir build-gpu -L gpu --output-on-failure -j4 >"$OUT/tests.log" 2>&1; then
+  note "ctest -L gpu: ok ($((SECONDS - t0)) s): $(grep -E 'tests passed' "$OUT/tests.log")"
+else
+  note "ctest -L gpu: FAILED ($((SECONDS - t0)) s): $(grep -E 'tests passed|tests failed' "$OUT/tests.log")"
+  grep -E "Failure|Expected|Which is|error|rel_rms|Error|FAILED|\(Failed\)|Timeout" "$OUT/tests.log" | head -60
+fi
+
+if [[ $sanitizer == 1 ]] && command -v compute-sanitizer >/dev/null; then
+  t0=$SECONDS
+  # The short tests of every op family (the long attention cases only change sizes).
+  filter='Cuda*:-CudaAttention.FlashBf16LongSequenceManyTiles:CudaAttention.SimplePathF32AndOddHeadDims:CudaReduce.SumDimMatchesCpu'
+  if timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+       build-gpu/nha_tests_gpu --gtest_filter="$filter" >"$OUT/sanitizer.log" 2>&1; then
+    note "compute-sanitizer memcheck: ok ($((SECONDS - t0)) s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+  else
+    note "compute-sanitizer memcheck: FAILED or timed out ($((SECONDS - t0)) s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+    grep -E "Invalid|ERROR|FAILED|at 0x|by thread" "$OUT/sanitizer.log" | head -30
+  fi
+fi
+
+if [[ $bench == 1 ]]; then
+  t0=$SECONDS
+  timeout 120 build-gpu/bench_attention "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench.log"
+  if [[ -f .peer/attn_sdpa.py ]]; then
+    (cd "$OUT" && PYTHONUNBUFFERED=1 timeout 120 python3 "$OLDPWD/.peer/attn_sdpa.py") 2>&1 | tee -a "$OUT/bench.log"
+  else
+    echo "no .peer/attn_sdpa.py: copy ../shared/bench/*.py to .peer/ and carry .peer" | tee -a "$OUT/bench.log"
+  fi
+  python3 - "$OUT" <<'EOF' 2>&1 | tee -a "$OUT/bench.log"
+import json, os, sys
+out = sys.argv[1]
+ours = json.load(open(os.path.join(out, "bench_attention.json")))
+try:
+    peer = {r["T"]: r for r in json.load(open(os.path.join(out, "attn_sdpa.json")))}
+except Exception as e:
+    peer = {}
+    print("no peer figures:", e)
+rows = []
+print(f"{'T':>6} {'ours fwd':>9} {'sdpa fwd':>9} {'ratio':>6} {'ours f+b':>9} {'sdpa f+b':>9} {'ratio':>6}  (TFLOP/s)")
+for r in ours["results"]:
+    p = peer.get(r["T"])
+    row = dict(r)
+    if p:
+        row["sdpa_fwd_tflops"] = p["fwd_tflops"]; row["sdpa_fwdbwd_tflops"] = p["fwdbwd_tflops"]
+        row["ratio_fwd"] = round(r["fwd_tflops"] / p["fwd_tflops"], 3)
+        row["ratio_fwdbwd"] = round(r["fwdbwd_tflops"] / p["fwdbwd_tflops"], 3)
+    rows.append(row)
+    print(f"{r['T']:>6} {r['fwd_tflops']:>9} {row.get('sdpa_fwd_tflops', '-'):>9} {row.get('ratio_fwd', '-'):>6} "
+          f"{r['fwdbwd_tflops']:>9} {row.get('sdpa_fwdbwd_tflops', '-'):>9} {row.get('ratio_fwdbwd', '-'):>6}")
+ours["results"] = rows
+ours["peer"] = "PyTorch SDPA (flash backend), ../shared/bench/attn_sdpa.py, same run"
+json.dump(ours, open(os.path.join(out, "attention.json"), "w"), indent=1)
+EOF
+  note "benchmarks: done ($((SECONDS - t0)) s), see bench.log / attention.json"
+fi
+
+if [[ $full == 1 ]]; then
+  t0=$SECONDS
+  if timeout 240 ninja -C build-gpu -j"$jobs" >>"$OUT/build.log" 2>&1; then
+    note "full build: ok ($((SECONDS - t0)) s)"
+  else
+    note "full build: FAILED or timed out ($((SECONDS - t0)) s), see build.log"
+  fi
+fi
+
+echo
+echo "==== summary ===="
+printf '%s\n' "${summary[@]}"
+grep -E "^\s+[0-9]+ +[0-9.]+ " "$OUT/bench.log" 2>/dev/null | head -8

@@ -1,0 +1,111 @@
+// YAML run configs: defaults, per-layer mixers, overrides, round trip, and refusals that name the
+// key; learning-rate schedules.
+#include "common/testing.h"
+#include "train/config.h"
+#include "train/schedule.h"
+
+namespace nha {
+namespace {
+
+const char* kBase = R"(
+model: {vocab_size: 100, d_model: 64, n_layers: 4, n_heads: 4}
+train: {seq_len: 32, micro_batch: 2, global_batch_tokens: 256, steps: 10}
+data: {train: some/dir}
+)";
+
+void expect_error(const std::string& yaml, const std::vector<std::string>& overrides,
+                  const std::vector<std::string>& needles) {
+  try {
+    parse_config(yaml, "test.yaml", overrides);
+    ADD_FAILURE() << "accepted a bad config; expected an error mentioning " << needles[0];
+  } catch (const Error& e) {
+    for (const std::string& n : needles)
+      EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << "'" << n << "' not in: " << e.what();
+  }
+}
+
+TEST(Config, DefaultsAndDerivedValues) {
+  RunConfig c = parse_config(kBase, "configs/base.yaml");
+  EXPECT_EQ(c.model.mixers.size(), 4u);
+  EXPECT_EQ(c.model.mixers[0].type, MixerType::Attention);
+  EXPECT_EQ(c.train.accumulation_steps(1), 4);  // 256 / (2 * 32)
+  EXPECT_EQ(c.train.accumulation_steps(2), 2);
+  EXPECT_EQ(c.logging.run_dir, "runs/base");
+  EXPECT_EQ(c.checkpoint.dir, "runs/base/checkpoints");
+  EXPECT_DOUBLE_EQ(c.train.weight_decay, 0.01);
+}
+
+TEST(Config, PaperLayerPlacementAndExplicitLayers) {
+  RunConfig c = parse_config(kBase, "t.yaml",
+                             {"model.mixer={type: nha, window: 16, slots: 8}",
+                              "model.full_attention={block_size: 2, transformer_idx: 1, "
+                              "mixer: {type: nha, window: 100000}}"});
+  ASSERT_EQ(c.model.mixers.size(), 4u);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(c.model.mixers[i].type, MixerType::NHA);
+    EXPECT_EQ(c.model.mixers[i].window, i % 2 == 1 ? 100000 : 16) << "layer " << i;
+  }
+  EXPECT_EQ(c.model.mixers[0].slots, 8);
+  RunConfig e = parse_config(kBase, "t.yaml",
+                             {"model.layers=[{type: gsa, window: 5}, {type: attention, window: 8}, "
+                              "{type: attention}, {type: nha}]"});
+  EXPECT_EQ(e.model.mixers[0].type, MixerType::GSA);
+  EXPECT_EQ(e.model.mixers[0].window, 0) << "gsa has no window by definition";
+  EXPECT_EQ(e.model.mixers[1].window, 8);
+  EXPECT_EQ(e.model.mixers[3].window, 0);
+}
+
+TEST(Config, OverridesAndRoundTrip) {
+  RunConfig c = parse_config(kBase, "t.yaml", {"train.lr=0.002", "train.schedule=wsd",
+                                               "eval.tasks=[piqa, lambada]", "model.n_layers=2"});
+  EXPECT_DOUBLE_EQ(c.train.lr, 0.002);
+  EXPECT_EQ(c.train.schedule, Schedule::WSD);
+  EXPECT_EQ(c.eval.tasks, (std::vector<std::string>{"piqa", "lambada"}));
+  EXPECT_EQ(c.model.mixers.size(), 2u);
+  RunConfig again = parse_config(to_yaml(c), "resolved.yaml");
+  EXPECT_EQ(to_yaml(again), to_yaml(c));
+  EXPECT_EQ(again.model.resolved_mlp_hidden(), c.model.resolved_mlp_hidden());
+}
+
+TEST(Config, RefusalsNameTheKeyAndHint) {
+  expect_error(kBase, {"train.lerning_rate=0.1"}, {"train.lerning_rate", "HINT"});
+  expect_error(kBase, {"model.n_heads=3"}, {"n_heads", "divide"});
+  expect_error(kBase, {"train.lr=fast"}, {"train.lr", "a number"});
+  expect_error(kBase, {"train.global_batch_tokens=100"}, {"global_batch_tokens", "multiple"});
+  expect_error(kBase, {"train.tokens=1000"}, {"exactly one of train.steps and train.tokens"});
+  expect_error(kBase, {"model.mixer={type: mamba}"}, {"model.mixer.type", "attention, nha or gsa"});
+  expect_error(kBase, {"train.schedule=linear"}, {"train.schedule"});
+  expect_error(kBase, {"data.train="}, {"data.train"});
+  expect_error(kBase, {"train.precision=fp16"}, {"train.precision"});
+  expect_error(kBase, {"model.n_layers=2.5"}, {"model.n_layers", "whole number"});
+  expect_error(kBase, {"bogus=1"}, {"unknown key 'bogus'"});
+  expect_error("model: [1, 2]", {}, {"'model' must be a mapping"});
+  expect_error("model: {vocab_size: 10", {}, {"not valid YAML"});
+  EXPECT_THROW(load_config("/nonexistent/cfg.yaml"), Error);
+}
+
+TEST(Schedule, WarmupCosineWsdConstant) {
+  TrainConfig t;
+  t.lr = 1.0;
+  t.min_lr_ratio = 0.1;
+  t.warmup_steps = 10;
+  t.steps = 110;
+  t.global_batch_tokens = 1;
+  EXPECT_DOUBLE_EQ(lr_at(t, 0), 0.1);
+  EXPECT_DOUBLE_EQ(lr_at(t, 9), 1.0);
+  EXPECT_DOUBLE_EQ(lr_at(t, 10), 1.0);             // cosine starts at the peak
+  EXPECT_NEAR(lr_at(t, 60), 0.55, 1e-12);          // half way: (1 + 0.1) / 2
+  EXPECT_NEAR(lr_at(t, 110), 0.1, 1e-12);          // the end: min
+  t.schedule = Schedule::WSD;
+  t.decay_fraction = 0.2;                          // decay over the last 22 steps
+  EXPECT_DOUBLE_EQ(lr_at(t, 87), 1.0);
+  EXPECT_DOUBLE_EQ(lr_at(t, 88), 1.0);
+  EXPECT_NEAR(lr_at(t, 99), 1.0 - 0.9 * 11.0 / 22.0, 1e-12);
+  EXPECT_NEAR(lr_at(t, 110), 0.1, 1e-12);
+  t.schedule = Schedule::Constant;
+  EXPECT_DOUBLE_EQ(lr_at(t, 100), 1.0);
+  EXPECT_DOUBLE_EQ(lr_at(t, 4), 0.5);
+}
+
+}  // namespace
+}  // namespace nha

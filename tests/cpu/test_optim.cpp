@@ -1,0 +1,209 @@
+// AdamW (kernel and optimizer class) and gradient-norm clipping against hand-computed formulas.
+#include <cmath>
+
+#include "common/testing.h"
+#include "kernels/backend.h"
+#include "train/optim.h"
+
+namespace nha {
+namespace {
+
+using testing::randn;
+
+// Reference AdamW state for one tensor, in double, straight from the formula in kernels/backend.h.
+struct RefAdamW {
+  std::vector<double> p, m, v;
+  void step(const std::vector<double>& g, double lr, double b1, double b2, double eps, double wd,
+            int64_t t) {
+    if (m.empty()) m.assign(p.size(), 0.0), v.assign(p.size(), 0.0);
+    for (size_t i = 0; i < p.size(); ++i) {
+      m[i] = b1 * m[i] + (1 - b1) * g[i];
+      v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
+      const double mhat = m[i] / (1 - std::pow(b1, double(t)));
+      const double vhat = v[i] / (1 - std::pow(b2, double(t)));
+      p[i] -= lr * (mhat / (std::sqrt(vhat) + eps) + wd * p[i]);
+    }
+  }
+};
+
+double max_rel_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    const double d = std::abs(a[i] - b[i]) / std::max(1e-30, std::abs(b[i]));
+    if (!std::isfinite(a[i])) return INFINITY;
+    worst = std::max(worst, d);
+  }
+  return worst;
+}
+
+TEST(AdamW, KernelOneStepMatchesFormula) {
+  for (DType dt : {DType::F64, DType::F32}) {
+    const Shape shape{3, 7};
+    Tensor p = randn(shape, 1, dt), g = randn(shape, 2, dt);
+    Tensor m = randn(shape, 3, dt, 0.1), v = randn(shape, 4, dt, 0.1);
+    v.copy_(Tensor::from_vector<double>([&] {  // second moments are non-negative
+      std::vector<double> x = v.to_vector<double>();
+      for (double& e : x) e = e * e;
+      return x;
+    }(), shape));
+    RefAdamW ref{p.to_vector<double>(), m.to_vector<double>(), v.to_vector<double>()};
+    ref.step(g.to_vector<double>(), 0.01, 0.8, 0.9, 1e-8, 0.1, 5);
+    backend_for(p).adamw_step(p, g, m, v, 0.01, 0.8, 0.9, 1e-8, 0.1, 5);
+    const double tol = dt == DType::F64 ? 1e-14 : 1e-6;
+    EXPECT_LT(max_rel_diff(p.to_vector<double>(), ref.p), tol) << dtype_name(dt);
+    EXPECT_LT(max_rel_diff(m.to_vector<double>(), ref.m), tol) << dtype_name(dt);
+    EXPECT_LT(max_rel_diff(v.to_vector<double>(), ref.v), tol) << dtype_name(dt);
+  }
+}
+
+TEST(AdamW, FirstStepIsBiasCorrected) {
+  // At step 1, mhat = g and vhat = g^2: the update is lr * g / (|g| + eps), about lr * sign(g),
+  // whatever the betas. Without bias correction it would be lr * (1-b1)/sqrt(1-b2) * sign(g).
+  Tensor p = Tensor::from_vector<double>({1.0, -2.0, 0.5, 3.0}, {4}).set_requires_grad(true);
+  std::vector<double> g{0.3, -4.0, 1e-3, 0.0};
+  p.mutable_grad() = Tensor::from_vector<double>(g, {4});
+  AdamW opt({{"p", p, true}}, {.lr = 0.1, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8});
+  opt.step();
+  EXPECT_EQ(opt.step_count(), 1);
+  std::vector<double> after = p.to_vector<double>();
+  const double before[4] = {1.0, -2.0, 0.5, 3.0};
+  for (int i = 0; i < 4; ++i)
+    EXPECT_NEAR(after[i], before[i] - 0.1 * g[i] / (std::abs(g[i]) + 1e-8), 1e-15) << i;
+  EXPECT_NEAR(after[0], 0.9, 1e-7);
+  EXPECT_NEAR(after[1], -1.9, 1e-7);
+  EXPECT_EQ(after[3], 3.0);  // zero gradient, no decay: unchanged
+  // Moments after one step: m = (1-b1) g, v = (1-b2) g^2.
+  std::vector<double> m = opt.m(0).to_vector<double>(), v = opt.v(0).to_vector<double>();
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_NEAR(m[i], 0.1 * g[i], 1e-16);
+    EXPECT_NEAR(v[i], 0.05 * g[i] * g[i], 1e-16);
+  }
+}
+
+TEST(AdamW, SeveralStepsMatchFormulaAndDecayOnlyWhereAsked) {
+  const Shape shape{4, 5};
+  Tensor a = randn(shape, 10).set_requires_grad(true);  // decay
+  Tensor b = a.detach().clone().set_requires_grad(true);  // same values, no decay
+  AdamWOptions o{.lr = 0.05, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1};
+  AdamW opt({{"a", a, true}, {"b", b, false}}, o);
+  RefAdamW ra{a.to_vector<double>()}, rb{b.to_vector<double>()};
+  const double lrs[4] = {0.05, 0.03, 0.02, 0.01};
+  for (int t = 1; t <= 4; ++t) {
+    Tensor g = randn(shape, 100 + t);
+    a.mutable_grad() = g.clone();
+    b.mutable_grad() = g.clone();
+    opt.step(lrs[t - 1]);
+    ra.step(g.to_vector<double>(), lrs[t - 1], 0.9, 0.95, 1e-8, 0.1, t);
+    rb.step(g.to_vector<double>(), lrs[t - 1], 0.9, 0.95, 1e-8, 0.0, t);
+    EXPECT_LT(max_rel_diff(a.to_vector<double>(), ra.p), 1e-13) << "step " << t;
+    EXPECT_LT(max_rel_diff(b.to_vector<double>(), rb.p), 1e-13) << "step " << t;
+    EXPECT_LT(max_rel_diff(opt.m(0).to_vector<double>(), ra.m), 1e-13);
+    EXPECT_LT(max_rel_diff(opt.v(1).to_vector<double>(), rb.v), 1e-13);
+  }
+  EXPECT_EQ(opt.step_count(), 4);
+  // Same grads, so the two differ only by decay, and visibly so.
+  EXPECT_GT(testing::max_abs_diff(a, b), 1e-4);
+}
+
+TEST(AdamW, FloatParamsKeepFloatMoments) {
+  const Shape shape{64};
+  Tensor p = randn(shape, 20, DType::F32).set_requires_grad(true);
+  AdamW opt({{"p", p, true}}, {.lr = 1e-2, .weight_decay = 0.01});
+  EXPECT_EQ(opt.m(0).dtype(), DType::F32);
+  EXPECT_EQ(opt.v(0).dtype(), DType::F32);
+  EXPECT_EQ(opt.m(0).to_vector<double>(), std::vector<double>(64, 0.0));
+  RefAdamW ref{p.to_vector<double>()};
+  for (int t = 1; t <= 3; ++t) {
+    Tensor g = randn(shape, 200 + t, DType::F32);
+    p.mutable_grad() = g;
+    opt.step();
+    ref.step(g.to_vector<double>(), 1e-2, 0.9, 0.95, 1e-8, 0.01, t);
+  }
+  // f32 state rounds every step: compare by relative RMS (an element near 0 has no relative bound).
+  EXPECT_LT(testing::rel_rms(p, Tensor::from_vector<double>(ref.p, shape)), 1e-6);
+}
+
+TEST(AdamW, ParamsWithoutGradAreUntouched) {
+  Tensor a = randn({3, 3}, 30).set_requires_grad(true);
+  Tensor b = randn({5}, 31).set_requires_grad(true);
+  const std::vector<double> b0 = b.to_vector<double>();
+  AdamW opt({{"a", a, true}, {"b", b, true}}, {.lr = 0.1, .weight_decay = 0.5});
+  for (int t = 0; t < 3; ++t) {
+    a.mutable_grad() = randn({3, 3}, 40 + t);
+    opt.step();
+  }
+  EXPECT_EQ(b.to_vector<double>(), b0) << "no grad: no update, not even weight decay";
+  EXPECT_EQ(opt.m(1).to_vector<double>(), std::vector<double>(5, 0.0));
+  EXPECT_EQ(opt.v(1).to_vector<double>(), std::vector<double>(5, 0.0));
+  EXPECT_EQ(opt.step_count(), 3);
+  EXPECT_NE(opt.m(0).to_vector<double>(), std::vector<double>(9, 0.0));
+}
+
+TEST(AdamW, StepAfterBackwardAndZeroGrad) {
+  // loss = sum(p * p): grad = 2p; one step moves every element toward 0 by about lr.
+  Tensor p = Tensor::from_vector<double>({1.0, -2.0, 3.0}, {3}).set_requires_grad(true);
+  AdamW opt({{"w", p, true}}, {.lr = 0.1});
+  sum(mul(p, p)).backward();
+  ASSERT_TRUE(p.grad().defined());
+  opt.step();
+  std::vector<double> x = p.to_vector<double>();
+  EXPECT_NEAR(x[0], 0.9, 1e-7);
+  EXPECT_NEAR(x[1], -1.9, 1e-7);
+  EXPECT_NEAR(x[2], 2.9, 1e-7);
+  opt.zero_grad();
+  EXPECT_FALSE(p.grad().defined());
+  EXPECT_TRUE(p.requires_grad()) << "the step must not change requires_grad";
+  EXPECT_EQ(opt.index_of("w"), 0u);
+  EXPECT_THROW(opt.index_of("nope"), Error);
+}
+
+TEST(AdamW, RejectsBadConfig) {
+  Tensor p = randn({2}, 1);
+  EXPECT_THROW(AdamW({{"p", p, true}, {"p", p.clone(), true}}, {}), Error);  // duplicate name
+  EXPECT_THROW(AdamW({{"p", p, true}}, {.beta1 = 1.0}), Error);
+  EXPECT_THROW(AdamW({{"p", Tensor(), true}}, {}), Error);
+}
+
+TEST(AdamW, ClipGradNormReturnsNormAndScales) {
+  Tensor a = Tensor::zeros({2}, DType::F64).set_requires_grad(true);
+  Tensor b = Tensor::zeros({2, 2}, DType::F64).set_requires_grad(true);
+  Tensor c = Tensor::zeros({3}, DType::F64).set_requires_grad(true);  // no grad: ignored
+  auto set_grads = [&] {
+    a.mutable_grad() = Tensor::from_vector<double>({3.0, 0.0}, {2});
+    b.mutable_grad() = Tensor::from_vector<double>({0.0, 4.0, 0.0, 12.0}, {2, 2});
+  };
+  // ||(3, 4, 12)|| = 13.
+  set_grads();
+  EXPECT_DOUBLE_EQ(clip_grad_norm({a, b, c}, 0.0), 13.0);  // max_norm <= 0: norm only
+  EXPECT_EQ(a.grad().to_vector<double>(), (std::vector<double>{3.0, 0.0}));
+  EXPECT_DOUBLE_EQ(clip_grad_norm({a, b, c}, 20.0), 13.0);  // below the threshold: untouched
+  EXPECT_EQ(b.grad().to_vector<double>(), (std::vector<double>{0.0, 4.0, 0.0, 12.0}));
+  EXPECT_DOUBLE_EQ(clip_grad_norm({a, b, c}, 13.0), 13.0);  // equal: untouched
+  EXPECT_EQ(b.grad().to_vector<double>(), (std::vector<double>{0.0, 4.0, 0.0, 12.0}));
+  EXPECT_FALSE(c.grad().defined());
+
+  EXPECT_DOUBLE_EQ(clip_grad_norm({a, b, c}, 1.0), 13.0);  // clipped: returns the norm before
+  const double f = 1.0 / (13.0 + 1e-6);
+  std::vector<double> ga = a.grad().to_vector<double>(), gb = b.grad().to_vector<double>();
+  EXPECT_DOUBLE_EQ(ga[0], 3.0 * f);
+  EXPECT_DOUBLE_EQ(gb[1], 4.0 * f);
+  EXPECT_DOUBLE_EQ(gb[3], 12.0 * f);
+  EXPECT_NEAR(clip_grad_norm({a, b, c}, 0.0), 1.0, 1e-6);  // now (just under) max_norm
+  EXPECT_LT(clip_grad_norm({a, b, c}, 0.0), 1.0);
+}
+
+TEST(AdamW, ClipGradNormFloat) {
+  Tensor a = randn({1000}, 50, DType::F32).set_requires_grad(true);
+  a.mutable_grad() = randn({1000}, 51, DType::F32);
+  double ref = 0;
+  for (double g : a.grad().to_vector<double>()) ref += g * g;
+  ref = std::sqrt(ref);
+  EXPECT_NEAR(clip_grad_norm({a}, 0.5), ref, 1e-6 * ref);
+  double after = 0;
+  for (double g : a.grad().to_vector<double>()) after += g * g;
+  EXPECT_NEAR(std::sqrt(after), 0.5, 1e-5);
+}
+
+}  // namespace
+}  // namespace nha
