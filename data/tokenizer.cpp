@@ -210,8 +210,10 @@ Tokenizer Tokenizer::train(const std::vector<std::string>& inputs, const std::st
   NHA_CHECK(lines.count() > 0) << "no text found in the tokenizer inputs"
                                << ". HINT: the input files are empty or blank";
   NHA_CHECK(status.ok()) << "sentencepiece training failed: " << status.ToString()
-                         << ". HINT: 'Vocabulary size too high' means the text is too small for "
-                            "--vocab; use a smaller vocabulary or more text";
+                         << ". HINT: 'Vocabulary size too high': the text is too small for --vocab, use a "
+                            "smaller vocabulary or more text; 'smaller than required_chars': byte "
+                            "fallback needs 259 pieces plus the kept characters, raise --vocab or "
+                            "lower --character-coverage";
 
   Tokenizer tok = from_serialized(serialized, out_path);
   // Write atomically: a reader never sees half a model, and a failed run leaves no file behind.

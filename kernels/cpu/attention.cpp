@@ -39,6 +39,13 @@ inline double dot(const T* a, const T* b, int64_t n) {
   return acc;
 }
 
+// Multiply-adds of one pass (rows x visible keys x D): thread only when it outweighs the cost of
+// starting a parallel region (gradient checks call this kernel thousands of times on tiny inputs).
+inline bool worth_threading(int64_t B, int64_t T, int64_t H, int64_t D, int64_t window) {
+  const int64_t span = (window <= 0 || window > T) ? T : window;
+  return B * H * T * span * D > (int64_t(1) << 16);
+}
+
 // Checks the shapes of one attention call and returns {B, T, H, D}.
 struct Dims {
   int64_t B, T, H, D;
@@ -68,7 +75,7 @@ void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, co
   dispatch_floating(q, "attention_forward", [&]<typename S>() {
     const S *pq = q.data<S>(), *pk = k.data<S>(), *pv = v.data<S>();
     S *po = out.data<S>(), *pl = lse.data<S>();
-#pragma omp parallel if (B * H * T > 16)
+#pragma omp parallel if (worth_threading(B, T, H, D, window))
     {
       std::vector<double> s(static_cast<size_t>(T));  // scores of one query row (visible j)
       std::vector<double> acc(static_cast<size_t>(D));
@@ -120,7 +127,7 @@ void CpuBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Te
     const S *pq = q.data<S>(), *pk = k.data<S>(), *pv = v.data<S>();
     const S *pdo = dout.data<S>(), *po = out.data<S>(), *pl = lse.data<S>();
     S *pdq = dq.data<S>(), *pdk = dk.data<S>(), *pdv = dv.data<S>();
-    const bool threaded = B * H * T > 16;
+    const bool threaded = worth_threading(B, T, H, D, window);
 
     // Query pass: dS_tj = P_tj (dout_t . v_j - delta_t);  dq_t = scale sum_j dS_tj k_j.
 #pragma omp parallel if (threaded)

@@ -44,8 +44,9 @@ void CpuBackend::embedding_forward(Tensor& out, const Tensor& table, const Tenso
 
 // dtable[v, c] = sum_{n : ids[n] == v} dout[n, c]   (rows of unused ids are 0)
 //   dout [N, C]; ids [N]; dtable [V, C]
-// Threads own blocks of columns and walk the tokens in order n = 0..N-1, so every sum is taken
-// in the same order whatever the thread count: deterministic, no atomics.
+// Threads own blocks of columns: each zeroes its block, then walks the tokens in order
+// n = 0..N-1, so every sum is taken in the same order whatever the thread count (deterministic,
+// no atomics).
 void CpuBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) {
   const int64_t V = dtable.size(0), C = dtable.size(1), N = ids.numel();
   NHA_CHECK(dout.numel() == N * C) << "embedding backward: dout " << dout.str() << " does not hold "
@@ -54,11 +55,11 @@ void CpuBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const Te
   dispatch_floating(dtable, "embedding_backward", [&]<typename T>() {
     const T* g = dout.data<T>();  // [N, C]
     T* dt = dtable.data<T>();     // [V, C]
-    std::fill(dt, dt + V * C, T(0));
     const int64_t blocks = (C + kColumnBlock - 1) / kColumnBlock;
-#pragma omp parallel for schedule(static) if (N * C > 65536)
+#pragma omp parallel for schedule(static) if ((N + V) * C > 65536)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t c0 = b * kColumnBlock, c1 = std::min(C, c0 + kColumnBlock);
+      for (int64_t v = 0; v < V; ++v) std::fill(dt + v * C + c0, dt + v * C + c1, T(0));
       for (int64_t n = 0; n < N; ++n) {
         T* row = dt + id_at(ids, n) * C;
         for (int64_t c = c0; c < c1; ++c) row[c] += g[n * C + c];

@@ -1,9 +1,15 @@
 // CPU RMSNorm over the last dim: forward and backward.
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/cpu/cpu_backend.h"
 
 namespace nha {
+
+namespace {
+// Columns of dw one thread owns in the backward (rows are read in contiguous chunks of this).
+constexpr int64_t kColumnBlock = 64;
+}  // namespace
 
 // rstd[n] = 1 / sqrt(mean_c x[n,c]^2 + eps);  out[n,c] = x[n,c] * rstd[n] * w[c]
 //   x, out [N, C] (any leading shape flattened to N rows); w [C]; rstd [N]
@@ -32,7 +38,7 @@ void CpuBackend::rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, con
 //   dx[n,c] = rstd[n] * (w[c] dout[n,c] - xhat[n,c] * mean_c'(xhat[n,c'] w[c'] dout[n,c']))
 //   dw[c]   = sum_n dout[n,c] xhat[n,c]
 //   dout, x, dx [N, C]; w, dw [C]; rstd [N]
-// dx is parallel over rows, dw over columns (each column summed in row order: deterministic);
+// dx is parallel over rows; dw over blocks of columns, each summed in row order (deterministic);
 // both reductions accumulate in double.
 void CpuBackend::rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x,
                                   const Tensor& w, const Tensor& rstd) {
@@ -51,11 +57,15 @@ void CpuBackend::rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, co
       for (int64_t c = 0; c < C; ++c)
         pdx[n * C + c] = T(r * (double(pw[c]) * double(g[c]) - double(xr[c]) * r * m));
     }
+    const int64_t blocks = (C + kColumnBlock - 1) / kColumnBlock;
 #pragma omp parallel for schedule(static) if (N * C > 16384)
-    for (int64_t c = 0; c < C; ++c) {
-      double acc = 0;
-      for (int64_t n = 0; n < N; ++n) acc += double(pg[n * C + c]) * double(px[n * C + c]) * pr[n];
-      pdw[c] = T(acc);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t c0 = b * kColumnBlock, c1 = std::min(C, c0 + kColumnBlock);
+      double acc[kColumnBlock] = {};
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = c0; c < c1; ++c)
+          acc[c - c0] += double(pg[n * C + c]) * double(px[n * C + c]) * double(pr[n]);
+      for (int64_t c = c0; c < c1; ++c) pdw[c] = T(acc[c - c0]);
     }
   });
 }

@@ -13,6 +13,7 @@
 #include <array>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -155,12 +156,14 @@ size_t bin_size(size_t nbytes) {
 class CudaCachingAllocator final : public Allocator {
  public:
   void* allocate(size_t nbytes, int device) override {
-    const size_t size = bin_size(nbytes);
+    // NHA_CUDA_NO_CACHE=1: every block is an exact-size cudaMalloc, freed at once, so that
+    // compute-sanitizer sees every out-of-bounds access (not only those past a cached bin).
+    const size_t size = no_cache_ ? (nbytes == 0 ? 1 : nbytes) : bin_size(nbytes);
     std::lock_guard<std::mutex> lock(mutex_);
     PerDevice& d = devices_[checked_device_index(device)];
     void* p = nullptr;
     auto it = d.free.find(size);
-    if (it != d.free.end() && !it->second.empty()) {
+    if (!no_cache_ && it != d.free.end() && !it->second.empty()) {
       p = it->second.back();
       it->second.pop_back();
       d.cached -= size;
@@ -181,6 +184,13 @@ class CudaCachingAllocator final : public Allocator {
     const size_t size = it->second.size;
     live_.erase(it);
     PerDevice& d = devices_[checked_device_index(device)];
+    if (no_cache_) {
+      DeviceGuard guard(device);
+      CUDA_CHECK(cudaFree(ptr));  // synchronizes the device: no kernel still uses the block
+      d.reserved -= size;
+      in_use_ -= nbytes;
+      return;
+    }
     d.free[size].push_back(ptr);
     d.cached += size;
     in_use_ -= nbytes;
@@ -251,6 +261,10 @@ class CudaCachingAllocator final : public Allocator {
     d.cached = 0;
   }
 
+  const bool no_cache_ = [] {
+    const char* v = std::getenv("NHA_CUDA_NO_CACHE");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
   mutable std::mutex mutex_;
   std::array<PerDevice, kMaxDevices> devices_;
   std::unordered_map<void*, Live> live_;

@@ -718,7 +718,7 @@ struct FlashConfig<256> {
   static constexpr bool kFwdQRegs = false;
   static constexpr int kKvNW = 4, kKvBM = 32;
   static constexpr bool kKvSplit = true, kKvRegs = false;
-  static constexpr int kDqNW = 4, kDqBN = 32;
+  static constexpr int kDqNW = 4, kDqBN = 16;
   static constexpr bool kDqRegs = false;
 };
 

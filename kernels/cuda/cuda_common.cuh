@@ -4,7 +4,10 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <initializer_list>
 
 #include "core/tensor.h"
 #include "kernels/cuda/cuda_common.h"

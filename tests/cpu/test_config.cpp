@@ -1,5 +1,7 @@
 // YAML run configs: defaults, per-layer mixers, overrides, round trip, and refusals that name the
 // key; learning-rate schedules.
+#include <filesystem>
+
 #include "common/testing.h"
 #include "train/config.h"
 #include "train/schedule.h"
@@ -82,6 +84,16 @@ TEST(Config, RefusalsNameTheKeyAndHint) {
   expect_error("model: [1, 2]", {}, {"'model' must be a mapping"});
   expect_error("model: {vocab_size: 10", {}, {"not valid YAML"});
   EXPECT_THROW(load_config("/nonexistent/cfg.yaml"), Error);
+}
+
+TEST(Config, ShippedConfigsAreValid) {
+  int n = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(std::string(NHA_SOURCE_DIR) + "/configs")) {
+    if (entry.path().extension() != ".yaml") continue;
+    EXPECT_NO_THROW(load_config(entry.path().string())) << entry.path();
+    ++n;
+  }
+  EXPECT_GT(n, 0) << "no configs found";
 }
 
 TEST(Schedule, WarmupCosineWsdConstant) {

@@ -97,9 +97,9 @@ TEST(DataTokenizer, RoundTripAndSpecialIds) {
     }
     EXPECT_EQ(tok.decode(ids), text);
   }
-  // Frequent English compresses: far fewer tokens than bytes.
+  // Frequent English compresses even with 400 pieces: well under one token per byte.
   std::string line = "What say you to this? my lord, I will not speak of it.";
-  EXPECT_LT(tok.encode(line).size(), line.size() / 2);
+  EXPECT_LT(double(tok.encode(line).size()), 0.6 * double(line.size()));
   EXPECT_THROW(tok.decode({400}), Error);
 }
 
@@ -328,10 +328,10 @@ TEST(DataPrepare, RefusesTokenizerShardMismatch) {
   auto shards = ShardSet::open(o.out_dir, "train");
   EXPECT_NO_THROW(shards->check_tokenizer(tiny_tokenizer()));
   TokenizerTrainOptions other = tiny_options();
-  other.vocab_size = 300;
+  other.vocab_size = 350;
   other.max_sentences = 500;
   Tokenizer small = Tokenizer::train({dir + "/a.txt"}, dir + "/small.model", other);
-  expect_error([&] { shards->check_tokenizer(small); }, {"vocab 300", "vocab 400", "HINT"});
+  expect_error([&] { shards->check_tokenizer(small); }, {"vocab 350", "vocab 400", "HINT"});
   expect_error([&] { shards->check_model_vocab(256); }, {"vocab_size", "HINT"});
   EXPECT_NO_THROW(shards->check_model_vocab(512));  // a padded embedding table is fine
   expect_error([&] { ShardSet::open(o.out_dir, "val"); }, {"no val shards", "HINT"});

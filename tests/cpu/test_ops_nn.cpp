@@ -183,6 +183,8 @@ TEST(OpRmsNorm, Gradcheck) {
   EXPECT_TRUE(gradcheck(f, {leaf(randn({7, 13}, 211)), leaf(randn({13}, 212))}));
   EXPECT_TRUE(gradcheck(f, {leaf(randn({2, 3, 6}, 213)), leaf(randn({6}, 214))}));
   EXPECT_TRUE(gradcheck(f, {randn({7, 13}, 215), leaf(randn({13}, 216))})) << "weight only";
+  // C over 64: the weight gradient is summed in several column blocks.
+  EXPECT_TRUE(gradcheck(f, {leaf(randn({3, 130}, 217)), leaf(randn({130}, 218))}));
 }
 
 // Rows x columns above the OpenMP thresholds: forward and both gradients, f32 against f64.

@@ -73,11 +73,11 @@ TEST(AdamW, FirstStepIsBiasCorrected) {
   EXPECT_NEAR(after[0], 0.9, 1e-7);
   EXPECT_NEAR(after[1], -1.9, 1e-7);
   EXPECT_EQ(after[3], 3.0);  // zero gradient, no decay: unchanged
-  // Moments after one step: m = (1-b1) g, v = (1-b2) g^2.
+  // Moments after one step: m = (1-b1) g, v = (1-b2) g^2 (1 - 0.9 is not the double 0.1).
   std::vector<double> m = opt.m(0).to_vector<double>(), v = opt.v(0).to_vector<double>();
   for (int i = 0; i < 4; ++i) {
-    EXPECT_NEAR(m[i], 0.1 * g[i], 1e-16);
-    EXPECT_NEAR(v[i], 0.05 * g[i] * g[i], 1e-16);
+    EXPECT_DOUBLE_EQ(m[i], (1 - 0.9) * g[i]);
+    EXPECT_DOUBLE_EQ(v[i], (1 - 0.95) * g[i] * g[i]);
   }
 }
 
