@@ -51,7 +51,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
       << targets.str() << ". HINT: flatten [B, T, V] logits with reshape({-1, V})";
   Tensor losses = cross_entropy_rows(logits, targets, ignore_index);  // [N]
   int64_t n_valid = 0;
-  for (int64_t t : targets.to(Device::cpu()).to_vector<int64_t>()) n_valid += t != ignore_index;
+  for (int64_t t : targets.to_vector<int64_t>()) n_valid += t != ignore_index;  // on the host
   // Every row ignored: the sum is 0 and so is its gradient; divide by 1 to keep it finite.
   return scale(sum(losses), 1.0 / double(std::max<int64_t>(n_valid, 1)));
 }

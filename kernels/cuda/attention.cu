@@ -32,6 +32,8 @@
 // Any T works: rows past T are zero-filled in shared memory, masked, and never written.
 #include <cuda_bf16.h>
 
+#include <cstdlib>
+
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
 
@@ -722,6 +724,37 @@ struct FlashConfig<256> {
   static constexpr bool kDqRegs = false;
 };
 
+// Alternative tile shapes with 8 warps per block (each K/V or Q/dO tile in shared memory serves
+// twice the rows), selected at run time with NHA_FLASH_VARIANT=1 so both can be timed in one run.
+template <int D>
+struct FlashConfigAlt : FlashConfig<D> {};
+template <>
+struct FlashConfigAlt<64> {
+  static constexpr int kFwdNW = 8, kFwdMT = 2, kFwdBN = 64;
+  static constexpr bool kFwdQRegs = true;
+  static constexpr int kKvNW = 8, kKvBM = 64;
+  static constexpr bool kKvSplit = false, kKvRegs = true;
+  static constexpr int kDqNW = 8, kDqBN = 64;
+  static constexpr bool kDqRegs = true;
+};
+template <>
+struct FlashConfigAlt<128> {
+  static constexpr int kFwdNW = 8, kFwdMT = 1, kFwdBN = 64;
+  static constexpr bool kFwdQRegs = true;
+  static constexpr int kKvNW = 8, kKvBM = 32;
+  static constexpr bool kKvSplit = false, kKvRegs = false;
+  static constexpr int kDqNW = 8, kDqBN = 32;
+  static constexpr bool kDqRegs = true;
+};
+
+bool flash_variant() {
+  static const bool v = [] {
+    const char* e = std::getenv("NHA_FLASH_VARIANT");
+    return e != nullptr && e[0] == '1';
+  }();
+  return v;
+}
+
 template <typename Kernel>
 void launch_with_smem(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t st,
                       const AttnParams& p) {
@@ -732,9 +765,8 @@ void launch_with_smem(Kernel kernel, dim3 grid, int threads, size_t smem, cudaSt
   CUDA_CHECK_LAUNCH();
 }
 
-template <int D>
-void flash_forward(const AttnParams& p, int B, cudaStream_t st) {
-  using C = FlashConfig<D>;
+template <int D, typename C>
+void flash_forward_with(const AttnParams& p, int B, cudaStream_t st) {
   constexpr int BM = 16 * C::kFwdMT * C::kFwdNW;
   const size_t smem = size_t(BM + 4 * C::kFwdBN) * kLds<D> * sizeof(bf16_t);
   const dim3 grid(unsigned((p.T + BM - 1) / BM), unsigned(B * p.H));
@@ -742,9 +774,8 @@ void flash_forward(const AttnParams& p, int B, cudaStream_t st) {
                    C::kFwdNW * 32, smem, st, p);
 }
 
-template <int D>
-void flash_backward(const AttnParams& p, int B, cudaStream_t st) {
-  using C = FlashConfig<D>;
+template <int D, typename C>
+void flash_backward_with(const AttnParams& p, int B, cudaStream_t st) {
   {
     constexpr int BN = 16 * C::kKvNW, BM = C::kKvBM;
     const size_t smem = size_t(2 * BN + 4 * BM) * kLds<D> * sizeof(bf16_t) + 4 * BM * sizeof(float);
@@ -766,6 +797,22 @@ void flash_backward(const AttnParams& p, int B, cudaStream_t st) {
     launch_with_smem(flash_backward_dq_kernel<D, C::kDqNW, BN, C::kDqRegs>, grid, C::kDqNW * 32,
                      smem, st, p);
   }
+}
+
+template <int D>
+void flash_forward(const AttnParams& p, int B, cudaStream_t st) {
+  if (flash_variant())
+    flash_forward_with<D, FlashConfigAlt<D>>(p, B, st);
+  else
+    flash_forward_with<D, FlashConfig<D>>(p, B, st);
+}
+
+template <int D>
+void flash_backward(const AttnParams& p, int B, cudaStream_t st) {
+  if (flash_variant())
+    flash_backward_with<D, FlashConfigAlt<D>>(p, B, st);
+  else
+    flash_backward_with<D, FlashConfig<D>>(p, B, st);
 }
 
 // ==== simple path: one warp per row, f32 math, any D <= 32 * NE ======================================

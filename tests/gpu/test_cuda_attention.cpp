@@ -74,6 +74,14 @@ TEST(CudaAttention, FlashBf16LongSequenceManyTiles) {
   check_attention({1, 333, 1, 256, DType::BF16, 0}, 2200);
 }
 
+// Small cases for compute-sanitizer racecheck / memcheck (scripts/gpu-check.sh).
+TEST(CudaAttention, SmallFlashCases) {
+  NHA_SKIP_WITHOUT_CUDA();
+  check_attention({1, 77, 2, 64, DType::BF16, 17}, 4000);
+  check_attention({1, 77, 1, 128, DType::BF16, 0}, 4010);
+  check_attention({1, 40, 1, 256, DType::BF16, 0}, 4020);
+}
+
 TEST(CudaAttention, SimplePathF32AndOddHeadDims) {
   NHA_SKIP_WITHOUT_CUDA();
   uint64_t seed = 3000;
