@@ -1,7 +1,6 @@
 // Where a tensor's storage lives: the host (cpu) or one CUDA device (cuda:N).
 #pragma once
 #include <cstdint>
-#include <cstdint>
 #include <string>
 
 #include "core/error.h"
