@@ -10,6 +10,11 @@
 //    unless the name says so);
 //  * floating tensors of one call share one dtype (f32 or f64 on the CPU); ids are i32 or i64;
 //  * layouts are row-major; attention uses [B, T, H, D] (batch, time, head, head dim).
+//  * statistics and losses (rstd, lse, per-row losses and dlosses, sum_squares' output) are f32 when
+//    the floating inputs are bf16 (f64 for f64 inputs on the CPU). The CUDA backend also accepts, for
+//    mixed precision: an f32 c in gemm with bf16 a, b; an f32 out in sum_dim with bf16 in; an f32 dw
+//    in rmsnorm_backward with bf16 x, w; dlogits aliasing logits in cross_entropy_backward
+//    (docs/cuda.md).
 #pragma once
 #include <cstdint>
 
