@@ -6,13 +6,17 @@
 #include "core/error.h"
 
 namespace nha::apps {
-void register_data_commands(CLI::App& app);  // apps/cmd_data.cpp
+void register_data_commands(CLI::App& app);   // apps/cmd_data.cpp
+void register_train_commands(CLI::App& app);  // apps/cmd_train.cpp
+void register_eval_commands(CLI::App& app);   // apps/cmd_eval.cpp
 }
 
 int main(int argc, char** argv) {
   CLI::App app{"nha: train and evaluate Native Hybrid Attention language models"};
   app.require_subcommand(1);
   nha::apps::register_data_commands(app);
+  nha::apps::register_train_commands(app);
+  nha::apps::register_eval_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

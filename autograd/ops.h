@@ -47,6 +47,15 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t wind
 // Same, also returning the log-sum-exp of the scores, lse [B, H, T] (not differentiable).
 std::pair<Tensor, Tensor> attention_with_lse(const Tensor& q, const Tensor& k, const Tensor& v,
                                              int64_t window = 0, double scale = 0.0);
+// Native Hybrid Attention core (SPEC-NHA §2; math in kernels/backend.h nha_forward):
+// q, k (memory side, raw), qr, kr (window side, RoPE'd), v [B, T, H, D]; s, g [B, T, H, M]
+// -> [B, T, H, D]. window 0 = pure memory, >= T = full attention + M null slots.
+// scale <= 0 means 1/sqrt(D).
+Tensor nha_attend(const Tensor& q, const Tensor& k, const Tensor& qr, const Tensor& kr,
+                  const Tensor& v, const Tensor& s, const Tensor& g, int64_t window,
+                  double scale = 0.0);
+// NHA gates from the gate projection f: {g = logsigmoid(f) / 8, s = 1 - exp(g)}.
+std::pair<Tensor, Tensor> nha_gates(const Tensor& f);
 // Mean over non-ignored rows of -log softmax(logits)[target]. logits [N, V], targets [N].
 // A batch where every target is ignored has loss 0 (and zero gradient).
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);

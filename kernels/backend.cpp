@@ -50,6 +50,22 @@ void Backend::softmax_forward(Tensor&, const Tensor&) { NHA_MISSING(softmax_forw
 void Backend::softmax_backward(Tensor&, const Tensor&, const Tensor&) {
   NHA_MISSING(softmax_backward);
 }
+void Backend::nha_forward(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                          const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                          int64_t) {
+  NHA_MISSING(nha_forward);
+}
+void Backend::nha_backward(Tensor&, Tensor&, Tensor&, Tensor&, Tensor&, Tensor&, Tensor&,
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                           const Tensor&, const Tensor&, double, int64_t) {
+  NHA_MISSING(nha_backward);
+}
+void Backend::nha_gate_forward(Tensor&, Tensor&, const Tensor&) { NHA_MISSING(nha_gate_forward); }
+void Backend::nha_gate_backward(Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  NHA_MISSING(nha_gate_backward);
+}
+void Backend::argmax(Tensor&, const Tensor&) { NHA_MISSING(argmax); }
 void Backend::attention_forward(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                 double, int64_t) {
   NHA_MISSING(attention_forward);

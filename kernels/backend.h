@@ -117,6 +117,39 @@ class Backend {
                                   const Tensor& out, const Tensor& lse, double scale,
                                   int64_t window);
 
+  // ---- Native Hybrid Attention core (SPEC-NHA §2, §4) ------------------------------------------
+  // q, k   [B, T, H, D]  raw query/key (memory side: no RoPE)
+  // qr, kr [B, T, H, D]  RoPE'd query/key (window side)
+  // v      [B, T, H, D]  values (read by memory and window alike)
+  // s, g   [B, T, H, M]  slot write strength and log forget gate (g <= 0; the layer passes
+  //                      s = 1 - e^g, the op treats s as an independent input)
+  // out    [B, T, H, D];  lse [B, H, T] (f32; f64 for f64) = log of the joint softmax denominator.
+  // Per (b, h), memory Hk [D, M], Hv [M, D] start at 0. At step t, first write token j = t - window
+  // when j >= 0:  Hk = Hk * e^{g_j}[None,:] + k_j s_j^T;  Hv = Hv * e^{g_j}[:,None] + s_j v_j^T;
+  // then lm_t = scale q_t Hk (M logits), lw_tj = scale qr_t . kr_j for t - window < j <= t,
+  // p_t = softmax([lm_t ; lw_t]), out_t = p_t[:M] Hv + sum_j p_t[M + j] v_j.
+  // window = 0: no window (a pure gated-slot RNN); window >= T: memory never written (causal
+  // attention plus M zero-logit, zero-value slots). s, g (and ds, dg) may be f32 when q is bf16.
+  virtual void nha_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                           const Tensor& qr, const Tensor& kr, const Tensor& v, const Tensor& s,
+                           const Tensor& g, double scale, int64_t window);
+  // Gradients of sum(out * dout) with respect to every input (SPEC-NHA §4 backward); out and lse
+  // are nha_forward's. dg is the path through the decay e^g only (s is independent here).
+  virtual void nha_backward(Tensor& dq, Tensor& dk, Tensor& dqr, Tensor& dkr, Tensor& dv,
+                            Tensor& ds, Tensor& dg, const Tensor& dout, const Tensor& q,
+                            const Tensor& k, const Tensor& qr, const Tensor& kr, const Tensor& v,
+                            const Tensor& s, const Tensor& g, const Tensor& out,
+                            const Tensor& lse, double scale, int64_t window);
+  // The layer's gates, elementwise on f (any shape; g, s same shape, dtype of f or f32):
+  //   g = logsigmoid(f) / 8;  s = 1 - e^g
+  virtual void nha_gate_forward(Tensor& g, Tensor& s, const Tensor& f);
+  //   df = (dg - e^g * ds) * sigmoid(-f) / 8
+  virtual void nha_gate_backward(Tensor& df, const Tensor& dg, const Tensor& ds, const Tensor& f);
+
+  // ---- argmax over the last dim (greedy decoding, evaluation) ----------------------------------
+  // out[n] = the smallest c with x[n,c] = max_c' x[n,c']      x [N, C] floating; out [N] i64
+  virtual void argmax(Tensor& out, const Tensor& x);
+
   // ---- cross-entropy ----------------------------------------------------------------------------
   // losses[n] = logsumexp(logits[n,:]) - logits[n, targets[n]], or 0 where targets[n] == ignore.
   // logits [N, V], targets [N] (i32/i64), losses [N]. Targets outside [0, V) fail with a message.

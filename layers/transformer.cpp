@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "layers/nha.h"
+
 namespace nha {
 
 // ---- attention ----------------------------------------------------------------------------------
@@ -33,11 +35,12 @@ std::shared_ptr<Mixer> make_mixer(const ModelConfig& cfg, int64_t layer, double 
   MixerConfig m = cfg.mixer(layer);
   switch (m.type) {
     case MixerType::Attention: return std::make_shared<Attention>(cfg, m, out_scale, gen);
-    case MixerType::NHA:
-    case MixerType::GSA: break;
+    case MixerType::NHA: return std::make_shared<NhaMixer>(cfg, m, out_scale, gen);
+    case MixerType::GSA:  // pure memory: nha without a window
+      m.window = 0;
+      return std::make_shared<NhaMixer>(cfg, m, out_scale, gen);
   }
-  NHA_FAIL() << "layer " << layer << ": mixer '" << mixer_type_name(m.type)
-             << "' is not available in this build yet. HINT: use 'attention' layers";
+  NHA_FAIL() << "layer " << layer << ": unknown mixer type " << int(m.type);
 }
 }  // namespace
 

@@ -1,6 +1,6 @@
 // The decoder-only language model of SPEC-NHA §3:
 //   h = x + Mixer(RMSNorm(x));  y = h + SwiGLU(RMSNorm(h));  logits = lm_head(RMSNorm(y_L))
-// Mixers are chosen per layer (attention now; nha/gsa plug in through the same Mixer interface).
+// Mixers are chosen per layer: attention (below), nha and gsa (= nha with window 0, layers/nha.h).
 #pragma once
 #include <memory>
 #include <vector>

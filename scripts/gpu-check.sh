@@ -5,7 +5,9 @@
 #   3. compute-sanitizer memcheck over a smaller filtered set of the GPU tests
 #   4. benchmarks: bench_attention and, in the same run, the PyTorch SDPA peer (.peer/attn_sdpa.py,
 #      copied from ../shared/bench beforehand: mkdir -p .peer && cp ../shared/bench/*.py .peer/),
-#      merged into attention.json with our/SDPA ratios
+#      merged into attention.json with our/SDPA ratios; bench_nha (NHA core vs our flash attention)
+#      and bench/nha_peer.py (SDPA at the same shapes), merged into nha.json (+ nha.svg when
+#      matplotlib is there)
 #   5. the rest of the build (ninja -C build-gpu), so a break elsewhere cannot hide GPU results
 # Logs and JSON go to $OUT (default ./gpu-check-out); the last lines printed are a summary.
 #
@@ -32,7 +34,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,n
 
 t0=$SECONDS
 if cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -B build-gpu >"$OUT/build.log" 2>&1 &&
-   timeout 300 ninja -C build-gpu -k 0 -j"$jobs" nha_tests_gpu bench_attention >>"$OUT/build.log" 2>&1; then
+   timeout 300 ninja -C build-gpu -k 0 -j"$jobs" nha_tests_gpu bench_attention bench_nha >>"$OUT/build.log" 2>&1; then
   note "build of GPU targets: ok ($((SECONDS - t0)) s)"
 else
   note "build of GPU targets: FAILED ($((SECONDS - t0)) s), see build.log"
@@ -63,7 +65,10 @@ if [[ $sanitizer == 1 ]] && command -v compute-sanitizer >/dev/null; then
   t0=$SECONDS
   # The short tests of every op family (the long attention cases only change sizes), with
   # exact-size allocations (no caching) so every out-of-bounds access lands outside a block.
+  # NHA: only its small cases (the long ones only change sizes).
   filter='Cuda*:-CudaAttention.FlashBf16LongSequenceManyTiles:CudaAttention.SimplePathF32AndOddHeadDims:CudaReduce.SumDimMatchesCpu'
+  filter+=':CudaNha.F32OddLengthsAllWindows:CudaNha.F32HeadDim128Slots64:CudaNha.F32ForcedSmallChunksOddSlots'
+  filter+=':CudaNha.F32StrongDecayIsStable:CudaNha.Bf16OddLengthsAllWindows:CudaNha.Bf16WithF32GatesAndOtherHeadDims'
   if NHA_CUDA_NO_CACHE=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
        $tests_bin --gtest_filter="$filter" >"$OUT/sanitizer.log" 2>&1; then
     note "compute-sanitizer memcheck: ok ($((SECONDS - t0)) s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
@@ -79,6 +84,15 @@ if [[ $sanitizer == 1 ]] && command -v compute-sanitizer >/dev/null; then
   else
     note "compute-sanitizer racecheck (flash attention): FAILED or timed out ($((SECONDS - t0)) s): $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
     grep -E "hazard|Race|ERROR" "$OUT/sanitizer.log" | head -20
+  fi
+  # Shared-memory races in the NHA chunk kernels (one small case: racecheck is slow).
+  t0=$SECONDS
+  if timeout 150 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 \
+       $tests_bin --gtest_filter='CudaNha.TinyForRacecheck' >>"$OUT/sanitizer.log" 2>&1; then
+    note "compute-sanitizer racecheck (NHA): ok ($((SECONDS - t0)) s): $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+  else
+    note "compute-sanitizer racecheck (NHA): FAILED or timed out ($((SECONDS - t0)) s): $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+    grep -E "hazard|Race|ERROR" "$OUT/sanitizer.log" | tail -20
   fi
 fi
 
@@ -124,6 +138,11 @@ ours["peer"] = "PyTorch SDPA (flash backend), ../shared/bench/attn_sdpa.py, same
 json.dump(ours, open(os.path.join(out, "attention.json"), "w"), indent=1)
 EOF
   note "benchmarks: done ($((SECONDS - t0)) s), see bench.log / attention.json"
+  t0=$SECONDS
+  timeout 150 build-gpu/bench_nha "$OUT/bench_nha.json" 2>&1 | tee -a "$OUT/bench.log"
+  (cd "$OUT" && PYTHONUNBUFFERED=1 timeout 90 python3 "$OLDPWD/bench/nha_peer.py") 2>&1 | tee -a "$OUT/bench.log"
+  python3 bench/nha_peer.py --report "$OUT" 2>&1 | tee -a "$OUT/bench.log"
+  note "NHA benchmark: done ($((SECONDS - t0)) s), see bench.log / nha.json"
 fi
 
 if [[ $full == 1 ]]; then

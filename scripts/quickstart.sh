@@ -1,19 +1,61 @@
 #!/usr/bin/env bash
-# The README's main job, as far as the framework goes today: set up, build, build the quick corpus
-# from Debian packages, train a tokenizer, prepare HDF5 shards, then train a tiny Transformer++ on a
-# fixed batch (the overfit check). `nha train` / `nha eval` (issues 6 and 7) will replace the last
-# step with a real training run and evaluation.
+# The README's main job, one command on a fresh Debian machine:
+#   set up and build; build the quick corpus from Debian packages; train a tokenizer; prepare HDF5
+#   token shards; train a small NHA model and a same-size Transformer++ (on the GPU when there is
+#   one, else on the CPU); evaluate both; print a comparison table and the loss plot's path.
+#
+#   scripts/quickstart.sh                 everything (CPU: about 15-20 minutes on 2 cores)
+#   NHA_CORPUS=path/corpus.txt[.zst] scripts/quickstart.sh    use this text instead of get-corpus
+#   NHA_EVAL_DATA=../shared/data/eval scripts/quickstart.sh   also run the commonsense tasks
+#   NHA_EVAL_LIMIT=500 (rows per task), NHA_SKIP_SETUP=1 (no apt-get: offline machines)
+# Re-running reuses the corpus, tokenizer and shards; the two training runs start afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+[[ -n ${NHA_SKIP_SETUP:-} ]] || bash scripts/setup.sh
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j "$(nproc)"
+
 work=runs/data/quick
 mkdir -p "$work"
-[[ -s $work/corpus/corpus.txt ]] || bash scripts/get-corpus.sh --quick --out "$work/corpus"
-[[ -s $work/tok.model ]] || ./build/nha tokenizer train --input "$work/corpus/corpus.txt" \
-  --vocab 2048 --out "$work/tok.model"
-[[ -d $work/shards ]] || ./build/nha prepare --tokenizer "$work/tok.model" \
-  --input "$work/corpus/corpus.txt" --out "$work/shards"
-./build/tests/nha_tests_cpu --gtest_filter='Overfit*'
-echo "quickstart: data in $work; training from a config arrives with issue 6"
+# 1. Text: the quick Debian corpus (or $NHA_CORPUS); the last 2000 lines are held out for eval.
+if [[ ! -s $work/text.txt ]]; then
+  if [[ -n ${NHA_CORPUS:-} ]]; then
+    if [[ $NHA_CORPUS == *.zst ]]; then zstd -dc "$NHA_CORPUS" > "$work/all.txt"; else cp "$NHA_CORPUS" "$work/all.txt"; fi
+  else
+    [[ -s $work/corpus/corpus.txt ]] || bash scripts/get-corpus.sh --quick --out "$work/corpus"
+    cp "$work/corpus/corpus.txt" "$work/all.txt"
+  fi
+  head -n -2000 "$work/all.txt" > "$work/text.txt.tmp" && mv "$work/text.txt.tmp" "$work/text.txt"
+  tail -n 2000 "$work/all.txt" > "$work/heldout.txt"
+  rm -f "$work/all.txt"
+fi
+# 2. Tokenizer and shards.
+[[ -s $work/tok.model ]] || ./build/nha tokenizer train --input "$work/text.txt" --vocab 2048 \
+  --max-sentences 200000 --out "$work/tok.model"
+[[ -s $work/shards/manifest.json ]] || ./build/nha prepare --tokenizer "$work/tok.model" \
+  --input "$work/text.txt" --out "$work/shards"
+
+# 3. Train both models (same width, depth, data and schedule; configs/tiny-*.yaml).
+runs=(tiny-nha-cpu tiny-cpu)
+for name in "${runs[@]}"; do
+  rm -rf "runs/$name"
+  ./build/nha train "configs/$name.yaml" ${NHA_TRAIN_SET:+--set $NHA_TRAIN_SET}
+done
+
+# 4. Evaluate both: held-out text (perplexity, bits per byte), plus the commonsense tasks when
+#    their files are available.
+tasks="heldout=$work/heldout.txt:text"
+data_dir=${NHA_EVAL_DATA:-data/eval}
+if [[ -s $data_dir/piqa.jsonl ]]; then
+  tasks="$tasks,piqa,hellaswag,winogrande,arc_easy,arc_challenge,lambada"
+fi
+for name in "${runs[@]}"; do
+  ./build/nha eval "runs/$name" --tasks "$tasks" --data-dir "$data_dir" ${NHA_EVAL_LIMIT:+--limit $NHA_EVAL_LIMIT}
+done
+
+# 5. Compare.
+echo
+echo "== NHA vs Transformer++ (same size, same data) =="
+./build/nha compare "${runs[@]/#/runs/}"
+./build/nha plot "${runs[@]/#/runs/}" --out runs/quickstart-loss.svg
+echo "loss plot: runs/quickstart-loss.svg"

@@ -1,6 +1,7 @@
 // matmul and linear: forward and backward through Backend::gemm.
 #include "autograd/ops.h"
 #include "autograd/ops/op_util.h"
+#include "train/autocast.h"
 
 namespace nha {
 
@@ -89,7 +90,9 @@ Tensor matmul_2d_weight(const Tensor& x, const Tensor& w, bool w_transposed) {
 
 }  // namespace
 
-Tensor matmul(const Tensor& a, const Tensor& b) {
+Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
+  // Mixed precision (train/autocast.h): both operands in the autocast dtype, differentiably.
+  const Tensor a = autocast(a_in), b = autocast(b_in);
   if (b.dim() == 2) return matmul_2d_weight(a, b, false);
   NHA_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1))
       << "matmul: expected [B,M,K] @ [B,K,N] or [...,K] @ [K,N], got " << a.str() << " @ "
@@ -107,6 +110,10 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   return c;
 }
 
-Tensor linear(const Tensor& x, const Tensor& weight) { return matmul_2d_weight(x, weight, true); }
+Tensor linear(const Tensor& x, const Tensor& weight) {
+  // Mixed precision (train/autocast.h): the fp32 master weight is cast per call; its gradient
+  // comes back through the cast as fp32.
+  return matmul_2d_weight(autocast(x), autocast(weight), true);
+}
 
 }  // namespace nha

@@ -1,6 +1,7 @@
 // rmsnorm: forward and backward through Backend::rmsnorm_forward/backward.
 #include "autograd/ops.h"
 #include "autograd/ops/op_util.h"
+#include "train/autocast.h"
 
 namespace nha {
 
@@ -25,7 +26,10 @@ struct RmsNormBackward final : Node {
 
 }  // namespace
 
-Tensor rmsnorm(const Tensor& x, const Tensor& weight, double eps) {
+Tensor rmsnorm(const Tensor& x_in, const Tensor& weight_in, double eps) {
+  // Mixed precision (train/autocast.h): x and the gain in the autocast dtype (the kernels compute
+  // in fp32 and keep rstd in fp32); the gain's gradient returns to fp32 through the cast.
+  const Tensor x = autocast(x_in), weight = autocast(weight_in);
   ops_detail::check_same_device({x, weight}, "rmsnorm");
   NHA_CHECK(x.dim() >= 1 && x.size(-1) > 0 && weight.dim() == 1 && weight.size(0) == x.size(-1))
       << "rmsnorm: weight " << weight.str() << " does not match the last dim of x " << x.str();

@@ -47,6 +47,17 @@ class CpuBackend final : public Backend {
   void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q,
                           const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                           double scale, int64_t window) override;
+  void nha_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& qr,
+                   const Tensor& kr, const Tensor& v, const Tensor& s, const Tensor& g,
+                   double scale, int64_t window) override;
+  void nha_backward(Tensor& dq, Tensor& dk, Tensor& dqr, Tensor& dkr, Tensor& dv, Tensor& ds,
+                    Tensor& dg, const Tensor& dout, const Tensor& q, const Tensor& k,
+                    const Tensor& qr, const Tensor& kr, const Tensor& v, const Tensor& s,
+                    const Tensor& g, const Tensor& out, const Tensor& lse, double scale,
+                    int64_t window) override;
+  void nha_gate_forward(Tensor& g, Tensor& s, const Tensor& f) override;
+  void nha_gate_backward(Tensor& df, const Tensor& dg, const Tensor& ds, const Tensor& f) override;
+  void argmax(Tensor& out, const Tensor& x) override;
   void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets,
                              int64_t ignore_index) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,

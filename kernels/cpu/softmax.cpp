@@ -49,4 +49,20 @@ void CpuBackend::softmax_backward(Tensor& dx, const Tensor& dout, const Tensor& 
   });
 }
 
+// out[n] = first c with x[n,c] = max_c' x[n,c']     x [N, C]; out [N] i64
+void CpuBackend::argmax(Tensor& out, const Tensor& x) {
+  check_dtype(out, DType::I64, "argmax output");
+  const int64_t C = x.size(-1), N = x.numel() / C;
+  NHA_CHECK(out.numel() == N) << "argmax: output " << out.str() << " for " << N << " rows";
+  dispatch_floating(x, "argmax", [&]<typename T>() {
+    const T* px = x.data<T>();          // [N, C]
+    int64_t* po = out.data<int64_t>();  // [N]
+#pragma omp parallel for schedule(static) if (N * C > 16384)
+    for (int64_t n = 0; n < N; ++n) {
+      const T* xr = px + n * C;
+      po[n] = std::max_element(xr, xr + C) - xr;  // the first maximum
+    }
+  });
+}
+
 }  // namespace nha

@@ -12,6 +12,8 @@
 //   rope.cu          rotary embedding (inverse = backward)
 //   softmax.cu       softmax forward / backward, fused cross-entropy forward / backward
 //   attention.cu     flash attention forward / backward (mma.sync, bf16) + a simple f32 path
+//   nha.cu           Native Hybrid Attention core forward / backward (flash window branch + a
+//                    chunk-parallel gated-slot memory branch, log-sum-exp merge) and the NHA gates
 // cuda_backend.cpp holds copy_bytes, synchronize and the backend object.
 #pragma once
 #include "kernels/backend.h"
@@ -60,6 +62,17 @@ class CudaBackend final : public Backend {
   void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q,
                           const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                           double scale, int64_t window) override;
+  void nha_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& qr,
+                   const Tensor& kr, const Tensor& v, const Tensor& s, const Tensor& g,
+                   double scale, int64_t window) override;
+  void nha_backward(Tensor& dq, Tensor& dk, Tensor& dqr, Tensor& dkr, Tensor& dv, Tensor& ds,
+                    Tensor& dg, const Tensor& dout, const Tensor& q, const Tensor& k,
+                    const Tensor& qr, const Tensor& kr, const Tensor& v, const Tensor& s,
+                    const Tensor& g, const Tensor& out, const Tensor& lse, double scale,
+                    int64_t window) override;
+  void nha_gate_forward(Tensor& g, Tensor& s, const Tensor& f) override;
+  void nha_gate_backward(Tensor& df, const Tensor& dg, const Tensor& ds, const Tensor& f) override;
+  void argmax(Tensor& out, const Tensor& x) override;
   void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets,
                              int64_t ignore_index) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,

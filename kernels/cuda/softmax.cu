@@ -6,6 +6,7 @@
 //             losses[n] = logsumexp_c(logits[n,c]) - logits[n, t_n]   (0 where t_n == ignore)
 //             dlogits[n,c] = dlosses[n] (exp(logits[n,c] - lse_n) - [c == t_n])  (0 rows if ignored)
 //             logits, dlogits [N, V] (f32/bf16); targets [N] i32/i64; losses, dlosses [N] f32
+//   argmax:   out[n] = first c with x[n,c] = max (greedy decoding)           x [N, C]; out [N] i64
 // One block per row. The statistics (max, sum of exponentials) are accumulated online per thread
 // in f32, base 2, then merged across the block in a fixed order; a second pass over the row (from
 // L2) writes the outputs. The backward recomputes lse from the logits, and reads each element
@@ -71,6 +72,38 @@ __global__ void softmax_backward_kernel(T* __restrict__ dx, const T* __restrict_
     for (int e = 0; e < VEC; ++e)
       o.v[e] = from_f32<T>(to_f32(yv.v[e]) * (to_f32(gv.v[e]) - dot));
     store_pack<T, VEC>(dr + c, o);
+  }
+}
+
+// out[n] = first c with x[n,c] = max_c' x[n,c'] (one block per row). Each thread keeps its
+// running (max, first index); pairs merge by (larger value, then smaller index), so the result does
+// not depend on the reduction order. NaN compares false and is skipped like in std::max_element.
+__device__ __forceinline__ void argmax_merge(float& v, int64_t& i, float ov, int64_t oi) {
+  if (ov > v || (ov == v && oi < i)) {
+    v = ov;
+    i = oi;
+  }
+}
+
+template <typename T>
+__global__ void argmax_kernel(int64_t* __restrict__ out, const T* __restrict__ x, int64_t C) {
+  __shared__ float shared_v[32];
+  __shared__ int64_t shared_i[32];
+  const T* row = x + int64_t(blockIdx.x) * C;
+  float v = -INFINITY;
+  int64_t i = C;  // C: no element seen yet (loses every merge)
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) argmax_merge(v, i, to_f32(row[c]), c);
+  for (int off = 16; off > 0; off >>= 1)
+    argmax_merge(v, i, __shfl_down_sync(0xffffffffu, v, off), __shfl_down_sync(0xffffffffu, i, off));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    shared_v[warp] = v;
+    shared_i[warp] = i;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < int(blockDim.x >> 5); ++w) argmax_merge(v, i, shared_v[w], shared_i[w]);
+    out[blockIdx.x] = i < C ? i : 0;  // an all-NaN (or -inf) row: index 0
   }
 }
 
@@ -177,6 +210,23 @@ void CudaBackend::softmax_forward(Tensor& out, const Tensor& x) {
       softmax_forward_kernel<T, VEC><<<unsigned(N), kThreads, 0, current_stream(dev)>>>(o, px, C);
       CUDA_CHECK_LAUNCH();
     });
+  });
+}
+
+void CudaBackend::argmax(Tensor& out, const Tensor& x) {
+  const int dev = x.device().index;
+  check_cuda_tensor(out, dev, "argmax", "out");
+  check_cuda_tensor(x, dev, "argmax", "x");
+  check_dtype_is(out, DType::I64, "argmax", "out");
+  const int64_t C = x.size(-1), N = C == 0 ? 0 : x.numel() / C;
+  NHA_CHECK(out.numel() == N) << "argmax: output " << out.str() << " for " << N << " rows";
+  if (N == 0) return;
+  NHA_CHECK(N < (1LL << 31)) << "argmax: too many rows in " << x.str();
+  DeviceGuard guard(dev);
+  dispatch_f32_bf16(x, "argmax", [&]<typename T>() {
+    argmax_kernel<T><<<unsigned(N), kThreads, 0, current_stream(dev)>>>(
+        static_cast<int64_t*>(out.data_ptr()), static_cast<const T*>(x.data_ptr()), C);
+    CUDA_CHECK_LAUNCH();
   });
 }
 

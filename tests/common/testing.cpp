@@ -91,6 +91,16 @@ Tensor randn(const Shape& shape, uint64_t seed, DType dtype, double std) {
   return result;
 }
 
+void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error was thrown; expected one mentioning '" << parts.at(0) << "'";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << msg;
+  }
+}
+
 std::string shared_data(const std::string& relative) {
   std::filesystem::path p = std::filesystem::path(NHA_SHARED_DATA) / relative;
   return std::filesystem::exists(p) ? p.string() : std::string();

@@ -33,6 +33,9 @@ struct GradcheckOptions {
     const std::function<Tensor(const std::vector<Tensor>&)>& f, std::vector<Tensor> inputs,
     const GradcheckOptions& options = {});
 
+// Expects fn to throw an nha::Error whose message contains every string of `parts`.
+void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts);
+
 // Path of a file under ../shared/data, or "" when the shared data is absent (test then skips).
 std::string shared_data(const std::string& relative);
 

@@ -19,6 +19,8 @@ namespace fs = std::filesystem;
 namespace nha::data {
 namespace {
 
+using testing::expect_error;
+
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   std::ostringstream s;
@@ -38,18 +40,6 @@ std::string temp_dir(const std::string& name) {
   fs::remove_all(p);
   fs::create_directories(p);
   return p.string();
-}
-
-// Expects `f()` to throw an nha::Error whose message contains every one of `parts`.
-template <typename F>
-void expect_error(F f, std::vector<std::string> parts) {
-  try {
-    f();
-    ADD_FAILURE() << "no error thrown; expected one mentioning " << parts[0];
-  } catch (const Error& e) {
-    std::string msg = e.what();
-    for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << msg;
-  }
 }
 
 // Tiny tokenizer (vocab 400) on the first 3000 lines of tinyshakespeare: well under a second.

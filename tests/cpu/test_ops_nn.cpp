@@ -15,6 +15,7 @@
 namespace nha {
 namespace {
 
+using testing::expect_error;
 using testing::gradcheck;
 using testing::randn;
 using testing::rel_rms;
@@ -47,17 +48,6 @@ std::vector<int64_t> random_ids(int64_t n, int64_t V, uint64_t seed) {
   for (double u : Tensor::rand({n}, gen, 0.0, double(V), DType::F64).to_vector<double>())
     ids.push_back(std::min(V - 1, int64_t(std::floor(u))));
   return ids;
-}
-
-// Expects fn to throw an nha::Error whose message contains every string of `parts`.
-void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "no error was thrown";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << msg;
-  }
 }
 
 // =================================== embedding ===================================================

@@ -264,6 +264,27 @@ TEST(CudaSoftmax, ForwardBackwardMatchCpu) {
     }
 }
 
+TEST(CudaArgmax, MatchesCpuIncludingTies) {
+  NHA_SKIP_WITHOUT_CUDA();
+  for (DType t : kTypes)
+    for (int64_t C : {1, 129, 1000, 32001}) {
+      const int64_t N = 37;
+      // Values rounded to quarters in a small range: many exact ties, so the first-index rule
+      // (not the reduction order) decides.
+      Tensor x = testing::randn({N, C}, 110 + C, DType::F64, 2.0);
+      double* px = x.data<double>();
+      for (int64_t i = 0; i < N * C; ++i) px[i] = std::round(px[i] * 4) / 4;
+      Tensor xg = x.to(t).to(gpu());
+      Tensor out = Tensor::full({N}, -7, DType::I64, gpu());
+      cuda_be().argmax(out, xg);
+      Tensor r = Tensor::empty({N}, DType::I64);
+      cpu_be().argmax(r, ref(xg));
+      Tensor o = out.to(Device::cpu());
+      for (int64_t n = 0; n < N; ++n)
+        EXPECT_EQ(o.data<int64_t>()[n], r.data<int64_t>()[n]) << name(t) << " C=" << C << " n=" << n;
+    }
+}
+
 TEST(CudaCrossEntropy, ForwardBackwardMatchCpu) {
   NHA_SKIP_WITHOUT_CUDA();
   const int64_t N = 37;

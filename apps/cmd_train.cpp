@@ -1,0 +1,108 @@
+// Training subcommands of `nha`: train, export, plot (docs/training.md, docs/checkpoint.md).
+#include <CLI/CLI.hpp>
+
+#include <csignal>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+
+#include "core/error.h"
+#include "train/checkpoint.h"
+#include "train/config.h"
+#include "train/plot.h"
+#include "train/trainer.h"
+
+namespace fs = std::filesystem;
+
+namespace nha::apps {
+
+namespace {
+
+volatile std::sig_atomic_t g_stop = 0;
+
+void on_interrupt(int) {
+  g_stop = 1;
+  std::signal(SIGINT, SIG_DFL);  // a second Ctrl-C ends the process at once
+  std::signal(SIGTERM, SIG_DFL);
+}
+
+// A checkpoint file, or the newest checkpoint of a run directory / checkpoint directory.
+std::string find_checkpoint(const std::string& run_or_ckpt) {
+  NHA_CHECK(fs::exists(run_or_ckpt)) << "'" << run_or_ckpt << "' does not exist. HINT: pass a run "
+                                     << "directory (runs/NAME) or a checkpoint file (.h5)";
+  if (fs::is_regular_file(run_or_ckpt)) return run_or_ckpt;
+  std::string latest = latest_checkpoint(run_or_ckpt);
+  if (latest.empty()) latest = latest_checkpoint((fs::path(run_or_ckpt) / "checkpoints").string());
+  NHA_CHECK(!latest.empty()) << "no checkpoint (step_*.h5) in '" << run_or_ckpt << "' or '"
+                             << (fs::path(run_or_ckpt) / "checkpoints").string()
+                             << "'. HINT: a run writes checkpoints every checkpoint.interval steps "
+                             << "and at the end";
+  return latest;
+}
+
+}  // namespace
+
+void register_train_commands(CLI::App& app) {
+  // nha train CONFIG [--set key=value ...] [--resume]
+  {
+    auto config = std::make_shared<std::string>();
+    auto sets = std::make_shared<std::vector<std::string>>();
+    auto resume = std::make_shared<bool>(false);
+    auto quiet = std::make_shared<bool>(false);
+    CLI::App* c = app.add_subcommand("train", "train a model from a YAML run config");
+    c->add_option("config", *config, "run config (configs/*.yaml)")->required();
+    c->add_option("--set", *sets, "override a key: --set train.lr=1e-3 (repeatable)");
+    c->add_flag("--resume", *resume,
+                "continue from the newest checkpoint in checkpoint.dir (bitwise identical)");
+    c->add_flag("--quiet", *quiet, "no progress lines (metrics.jsonl is still written)");
+    c->callback([=] {
+      RunConfig cfg = load_config(*config, *sets);
+      TrainerOptions o;
+      o.resume = *resume;
+      o.log = *quiet ? nullptr : &std::cout;
+      o.stop_flag = &g_stop;
+      std::signal(SIGINT, on_interrupt);
+      std::signal(SIGTERM, on_interrupt);
+      Trainer trainer(cfg, o);
+      trainer.train();
+      std::cout << "done: " << trainer.step() << " steps, run dir " << trainer.run_dir() << "\n";
+    });
+  }
+
+  // nha export RUN_OR_CKPT --out FILE [--dtype bf16|fp32]
+  {
+    auto src = std::make_shared<std::string>();
+    auto out = std::make_shared<std::string>();
+    auto dtype = std::make_shared<std::string>("bf16");
+    CLI::App* c = app.add_subcommand("export", "write a parameters-only HDF5 file from a checkpoint");
+    c->add_option("run_or_checkpoint", *src, "run directory (newest checkpoint) or checkpoint .h5")
+        ->required();
+    c->add_option("--out", *out, "output .h5")->required();
+    c->add_option("--dtype", *dtype, "bf16 or fp32")->capture_default_str();
+    c->callback([=] {
+      NHA_CHECK(*dtype == "bf16" || *dtype == "fp32")
+          << "--dtype is '" << *dtype << "'. HINT: use bf16 (half the size) or fp32 (exact)";
+      const std::string ckpt = find_checkpoint(*src);
+      export_parameters(ckpt, *out, *dtype == "bf16" ? DType::BF16 : DType::F32);
+      std::cout << "wrote " << *out << " (" << *dtype << ", from " << ckpt << ", "
+                << fs::file_size(*out) / (1024 * 1024) << " MiB)\n";
+    });
+  }
+
+  // nha plot RUN [RUN...] --out loss.svg
+  {
+    auto runs = std::make_shared<std::vector<std::string>>();
+    auto out = std::make_shared<std::string>("loss.svg");
+    auto title = std::make_shared<std::string>("loss vs tokens");
+    CLI::App* c = app.add_subcommand("plot", "SVG of train/val loss vs tokens for one or more runs");
+    c->add_option("runs", *runs, "run directories (or metrics .jsonl files)")->required();
+    c->add_option("--out", *out, "output .svg")->capture_default_str();
+    c->add_option("--title", *title, "plot title")->capture_default_str();
+    c->callback([=] {
+      write_loss_plot(*runs, *out, *title);
+      std::cout << "wrote " << *out << "\n";
+    });
+  }
+}
+
+}  // namespace nha::apps

@@ -1,0 +1,104 @@
+#include "eval/runner.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "autograd/node.h"
+#include "train/autocast.h"
+#include "train/checkpoint.h"
+
+namespace nha::eval {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// The checkpoint file behind `path`: the file itself, or a run directory's newest checkpoint
+// (RUN/checkpoints, else the checkpoint.dir its config.yaml names).
+std::string checkpoint_file(const std::string& path) {
+  NHA_CHECK(fs::exists(path)) << "'" << path << "' does not exist. HINT: pass a run directory "
+                              << "(runs/NAME), a checkpoint (.h5) or an `nha export` file";
+  if (!fs::is_directory(path)) return path;
+  std::string latest = latest_checkpoint((fs::path(path) / "checkpoints").string());
+  if (latest.empty() && fs::exists(fs::path(path) / "config.yaml")) {
+    const RunConfig cfg = load_config((fs::path(path) / "config.yaml").string());
+    latest = latest_checkpoint(cfg.checkpoint.dir);
+  }
+  NHA_CHECK(!latest.empty()) << "run directory '" << path << "' holds no checkpoint. HINT: train "
+                             << "it first (nha train CONFIG), or pass the .h5 file itself";
+  return latest;
+}
+
+}  // namespace
+
+LoadedModel load_model(const std::string& path, Device device) {
+  LoadedModel m;
+  m.checkpoint = checkpoint_file(path);
+  m.config = parse_config(read_config_yaml(m.checkpoint), m.checkpoint + ":/config");
+  const TrainState state = read_train_state(m.checkpoint);
+  m.step = state.step;
+  m.tokens_seen = state.tokens_seen;
+  m.model = std::make_shared<LanguageModel>(m.config.model, m.config.train.seed);
+  const std::map<std::string, Tensor> saved = read_parameters(m.checkpoint);
+  for (const NamedParameter& p : m.model->named_parameters()) {
+    auto it = saved.find(p.name);
+    NHA_CHECK(it != saved.end()) << m.checkpoint << " lacks parameter '" << p.name
+                                 << "'. HINT: the file and its config disagree; re-export it";
+    NHA_CHECK(it->second.shape() == p.tensor.shape())
+        << m.checkpoint << ": parameter '" << p.name << "' is " << it->second.str()
+        << " but the model expects " << p.tensor.str();
+    autograd::NoGradGuard no_grad;
+    Tensor dst = p.tensor;
+    dst.copy_(it->second);
+  }
+  m.model->to(device);
+  m.device = device;
+  m.compute_dtype = device.is_cuda() ? DType::BF16 : DType::F32;
+  return m;
+}
+
+LogitsFn logits_fn(const LoadedModel& m) {
+  return [model = m.model, dtype = m.compute_dtype](const Tensor& ids) {
+    AutocastGuard autocast(dtype);
+    return model->forward(ids);
+  };
+}
+
+std::string find_tokenizer(const RunConfig& config, const std::string& explicit_path) {
+  if (!explicit_path.empty()) return explicit_path;
+  const fs::path manifest = fs::path(config.data.train) / "manifest.json";
+  if (!config.data.train.empty() && fs::exists(manifest)) {
+    std::ifstream in(manifest);
+    const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+    if (!j.is_discarded() && j.contains("tokenizer") && j["tokenizer"].contains("name")) {
+      const std::string name = j["tokenizer"]["name"].get<std::string>();
+      if (fs::exists(name)) return name;
+    }
+  }
+  NHA_FAIL() << "cannot find the tokenizer of this model (looked in " << manifest.string()
+             << "). HINT: pass --tokenizer PATH/TO/tokenizer.model";
+}
+
+std::vector<TaskResult> run_tasks(const LoadedModel& m, const data::Tokenizer& tokenizer,
+                                  const std::vector<std::string>& tasks,
+                                  const std::string& data_dir, const EvalOptions& options) {
+  NHA_CHECK(tokenizer.vocab_size() <= m.config.model.vocab_size)
+      << "tokenizer has " << tokenizer.vocab_size() << " ids but the model only "
+      << m.config.model.vocab_size << ". HINT: pass the tokenizer the model was trained with";
+  const LogitsFn model = logits_fn(m);
+  std::vector<TaskResult> results;
+  for (const std::string& t : tasks) {
+    const TaskSpec spec = resolve_task(t, data_dir);
+    std::fprintf(stderr, "eval: %s (%s, %s)\n", spec.name.c_str(), schema_name(spec.schema),
+                 spec.path.c_str());
+    results.push_back(run_task(spec, model, tokenizer, options));
+    const TaskResult& r = results.back();
+    std::fprintf(stderr, "eval: %s %s = %.4f (%lld rows, %.1f s)\n", r.task.c_str(),
+                 r.primary.c_str(), r.metric(r.primary), (long long)r.rows, r.seconds);
+  }
+  return results;
+}
+
+}  // namespace nha::eval

@@ -1,0 +1,1170 @@
+// CUDA Native Hybrid Attention core (SPEC-NHA §2, §4 route 2) and the NHA gates.
+//
+// Math (kernels/backend.h, nha_forward): per (b, h), memory Hk [D, M], Hv [M, D] start at 0; at
+// step t first write token j = t - w (if j >= 0), then read:
+//   Hk = Hk * e^{g_j}[None,:] + k_j s_j^T;  Hv = Hv * e^{g_j}[:,None] + s_j v_j^T
+//   lm_t = scale q_t Hk;  lw_tj = scale qr_t . kr_j (t - w < j <= t);  p_t = softmax([lm_t ; lw_t])
+//   out_t = p_t[:M] Hv + sum_j p_t[M + j] v_j
+//
+// Route 2 (log-sum-exp merge). The window branch is the project's flash attention
+// (attention.cu: attention_forward returns (o_w, lse_w)); window 0 = no window branch. The memory
+// branch is a chunked gated-slot attention with a softmax over the M slots only, returning
+// (o_m, lse_m); then
+//   o = (e^{lse_w} o_w + e^{lse_m} o_m) / (e^{lse_w} + e^{lse_m}),  lse = logaddexp(lse_w, lse_m).
+// Backward: the window branch is attention_backward with the MERGED o and the GLOBAL lse (its
+// delta = dO.o is the joint softmax's <p, dp>, its P = e^{s - lse} is the joint pw); the memory
+// branch gets dO' = r dO with r_t = e^{lse_m,t - lse_t}, and its slot-logit gradient is
+//   dlm_t = pm_t ⊙ (dpm'_t - r_t (dO_t . o_t))          (pm = memory-local softmax, dpm' with dO')
+// which equals the local softmax backward plus SPEC's (sum dO r (o_m - o)) pm term.
+//
+// Memory branch, chunked (C rows per chunk, C = 64 unless shared memory forces 32 or 16). Primes
+// are the shifted inputs K'_t = k_{t-w}, S'_t = s_{t-w}, G'_t = g_{t-w}, V'_t = v_{t-w} (0 for
+// t < w and t >= T). Inside chunk n (rows i, j; time t = nC + i):
+//   B_i = log2(e) * inclusive cumsum of G' (m-vector, log2 units so that every exp is an exp2)
+//   b = B_{C-1};  D_ij = 2^{B_i - B_j} (j <= i, <= 1: no 2^{-B} is ever formed alone)
+//   A_ij = scale q_i . K'_j (j <= i)
+//   lm_i = scale (q_i Hk_n) ⊙ 2^{B_i} + sum_{j<=i} A_ij S'_j ⊙ D_ij
+//   pm_i = softmax(lm_i), lse_m,i = logsumexp(lm_i)
+//   W_ij = sum_s pm_i[s] S'_j[s] D_ij[s]                 (j <= i)
+//   o_m,i = (pm_i ⊙ 2^{B_i}) Hv_n + sum_{j<=i} W_ij V'_j
+//   Hk_{n+1} = Hk_n ⊙ 2^{b}[None,:] + K'^T S~,  Hv_{n+1} = 2^{b}[:,None] ⊙ Hv_n + S~^T V',
+//   S~ = S' ⊙ 2^{b - B}
+// Chunk-parallel schedule: (1) every chunk's state contribution (K'^T S~, S~^T V', b) in
+// parallel; (2) a scan over chunks per state element gives every Hk_n, Hv_n; (3) every chunk's
+// outputs in parallel. Backward (SPEC §4 (a)-(f) for the memory branch) the same way: recompute
+// (1)-(2); (4) per chunk dpm, dlm, the gate terms and the chunk's contributions to the carried
+// state gradients; (5) a reverse scan gives the carried dHk, dHv of every chunk; (6) per chunk
+// dq, dK', dV', dS'; (7) a reverse scan of the gate terms' chunk totals and the un-shift of dg.
+//   dpm_i  = (dO'_i Hv_n^T) ⊙ 2^{B_i} + sum_{j<=i} E_ij S'_j ⊙ D_ij,    E_ij = dO'_i . V'_j
+//   dlm_i  = pm_i ⊙ (dpm_i - r_i dO_i . o_i)
+//   dS'v_j = sum_{i>=j} E_ij pm_i ⊙ D_ij + 2^{b-B_j} ⊙ (V'_j dHv^T)
+//   dS'k_j = sum_{i>=j} A_ij dlm_i ⊙ D_ij + 2^{b-B_j} ⊙ (K'_j dHk)
+//   dV'_j  = sum_{i>=j} W_ij dO'_i + S~_j dHv
+//   dK'_j  = scale sum_{i>=j} dA_ij q_i + S~_j dHk^T,   dA_ij = sum_s dlm_i[s] S'_j[s] D_ij[s]
+//   dq_i   = scale (dlm_i ⊙ 2^{B_i}) Hk_n^T + scale sum_{j<=i} dA_ij K'_j
+//   dHk   <- dHk ⊙ 2^{b}[None,:] + scale q^T (dlm ⊙ 2^{B});  dHv <- 2^{b}[:,None] ⊙ dHv + (pm ⊙ 2^B)^T dO'
+//   dG'_t  = sum_{u>=t} [dpm_u ⊙ pm_u + dlm_u ⊙ lm_u - (dS'v_u + dS'k_u) ⊙ S'_u]   (whole sequence)
+//   un-shift: dk_j = dK'_{j+w}, ds_j = dS'v_{j+w} + dS'k_{j+w}, dg_j = dG'_{j+w}, dv_j += dV'_{j+w}
+// (the exponent base change is exact: 2^{log2(e) x} = e^x.)
+//
+// Implementation: every chunk kernel is one block of 256 threads per (chunk, b*h); the chunk's
+// rows live in shared memory (q, K', V', dO in the input dtype; everything else f32), matrix
+// products are register-tiled (4x4 per thread) f32 FMAs over shared memory, or over a state read
+// from global memory (then placed as the row operand or as coalesced columns). The
+// exp-weighted sums (lm, W, dpm, dS', dA) are computed directly, one exp2 per term. States,
+// their gradients, logits, softmax statistics and gate cumsums are f32 throughout; no float
+// atomics anywhere (deterministic). window >= T: memory is never written, o_m = 0 and
+// lse_m = log M; a short elementwise path handles that.
+//
+// Supported: q, k, qr, kr, v, out, dout f32 or bf16 (one dtype), s, g (ds, dg) that dtype or f32;
+// head dim D a multiple of 8 in [8, 256]; slots M in [1, 128]; any T >= 1; B*H <= 65535.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <initializer_list>
+
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/cuda_common.cuh"
+
+namespace nha {
+
+using namespace cuda;
+
+namespace {
+
+constexpr int kThreads = 256;  // every chunk kernel
+constexpr int kTM = 4, kTN = 4;  // register tile of the block matrix products
+constexpr int kMaxM = 128, kMaxD = 256;
+
+// ---- parameters shared by the chunk kernels --------------------------------------------------------
+struct NhaParams {
+  int B, T, H, D, M;  // sizes; the memory shift w is `w`
+  int C, N, Tp;       // chunk rows, chunks per sequence, N * C (padded length)
+  int w;              // 0 <= w < T on the chunked path
+  int has_window;     // window > 0: out / lse hold (o_w, lse_w) when the forward kernel starts
+  float scale;
+  int E;              // 2 D M: floats of one chunk's (Hk, Hv) pair
+  float* states;      // [BH][N][E]: Hk_n [D][M] at 0, Hv_n [M][D] at D*M (state at chunk start)
+  float* dstates;     // [BH][N][E]: the same layout, dHk / dHv carried INTO chunk n from later ones
+  float* bl;          // [BH][N][M]: b of chunk n (log2 units)
+  float* pm;          // [BH][Tp][M]: memory-local softmax (backward)
+  float* dlm;         // [BH][Tp][M]: slot-logit gradient (backward)
+  float* xp;          // [BH][Tp][M]: dpm pm + dlm lm, then the in-chunk reverse cumsum of dG' terms
+  float* r;           // [BH][Tp]:    e^{lse_m - lse} (0 on padded rows)
+  float* xtot;        // [BH][N][M]:  chunk totals of the dG' terms, then their reverse exclusive scan
+};
+
+__host__ __device__ constexpr size_t up16(size_t n) { return (n + 15) & ~size_t(15); }
+
+// Shared-memory layout of one chunk (host and device compute the same numbers).
+//   T-buffers [C][ldt] of the input dtype: ldt = D+1 (f32) or D+2 (bf16): an odd word stride, so
+//     row-strided and column-strided accesses of a warp hit 32 different banks (D % 8 == 0);
+//   M-buffers [C][lm1] f32, lm1 = M+1 for even M (odd stride);  C-buffers [C][C+1] f32;
+//   row vectors [C] f32.
+struct Layout {
+  int C, D, M, ldt, lm1, lc1;
+  size_t tb, mb, cb, rb;
+  __host__ __device__ Layout(int C_, int D_, int M_, int tsize) : C(C_), D(D_), M(M_) {
+    ldt = D + 4 / tsize;
+    lm1 = (M % 2 == 0) ? M + 1 : M;
+    lc1 = C + 1;
+    tb = up16(size_t(C) * ldt * tsize);
+    mb = up16(size_t(C) * lm1 * 4);
+    cb = up16(size_t(C) * lc1 * 4);
+    rb = up16(size_t(C) * 4);
+  }
+  size_t contrib_bytes() const { return 2 * tb + 2 * mb; }
+  size_t forward_bytes() const { return 2 * tb + 3 * mb + cb + 3 * rb; }
+  size_t dlogits_bytes() const { return 3 * tb + 5 * mb + cb + 3 * rb; }
+  size_t grads_bytes() const { return 4 * tb + 5 * mb + 2 * cb + rb; }
+  size_t max_bytes() const {
+    size_t a = contrib_bytes() > forward_bytes() ? contrib_bytes() : forward_bytes();
+    size_t b = dlogits_bytes() > grads_bytes() ? dlogits_bytes() : grads_bytes();
+    return a > b ? a : b;
+  }
+};
+
+// ---- block matrix products ---------------------------------------------------------------------------
+// A thread owns tiles of kTM rows x kTN columns of an R x Cc result: rows r0 .. r0+3, columns
+// c0 + ncg*u (strided, so neighbouring lanes take neighbouring columns: conflict-free shared-memory
+// reads of the column operand). r[] / c[] are clamped into range for reading; rv / cv say which are
+// real (write only those).
+struct Tile {
+  int r[kTM], c[kTN];
+  bool rv[kTM], cv[kTN];
+};
+template <class Body>
+__device__ __forceinline__ void for_tiles(int R, int Cc, Body&& body) {
+  const int ncg = (Cc + kTN - 1) / kTN, nrg = (R + kTM - 1) / kTM;
+  for (int t = threadIdx.x; t < nrg * ncg; t += blockDim.x) {
+    const int tr = t / ncg, tc = t - tr * ncg;
+    Tile tl;
+#pragma unroll
+    for (int v = 0; v < kTM; ++v) {
+      const int r = tr * kTM + v;
+      tl.rv[v] = r < R;
+      tl.r[v] = r < R ? r : R - 1;
+    }
+#pragma unroll
+    for (int u = 0; u < kTN; ++u) {
+      const int c = tc + ncg * u;
+      tl.cv[u] = c < Cc;
+      tl.c[u] = c < Cc ? c : Cc - 1;
+    }
+    body(tl);
+  }
+}
+// acc[v][u] += sum_{k < K} a(r[v], k) * b(k, c[u])
+template <class FA, class FB>
+__device__ __forceinline__ void mm_acc(float (&acc)[kTM][kTN], const Tile& tl, int K, FA&& a,
+                                       FB&& b) {
+#pragma unroll 2
+  for (int k = 0; k < K; ++k) {
+    float av[kTM], bv[kTN];
+#pragma unroll
+    for (int v = 0; v < kTM; ++v) av[v] = a(tl.r[v], k);
+#pragma unroll
+    for (int u = 0; u < kTN; ++u) bv[u] = b(k, tl.c[u]);
+#pragma unroll
+    for (int v = 0; v < kTM; ++v)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u) acc[v][u] = fmaf(av[v], bv[u], acc[v][u]);
+  }
+}
+
+// ---- chunk loading -------------------------------------------------------------------------------------
+// dst[i][c] (row stride ld) = x[b, t0 + i - shift, h, c] for c < X, i < C; 0 where the source row
+// is before 0 or the row t0 + i is at or past T.   x [B, T, H, X]
+template <typename Td, typename Tx>
+__device__ __forceinline__ void load_rows(Td* dst, int ld, const Tx* __restrict__ x, int b, int h,
+                                          int T, int H, int X, int t0, int shift, int C) {
+  for (int e = threadIdx.x; e < C * X; e += blockDim.x) {
+    const int i = e / X, c = e - i * X, t = t0 + i, src = t - shift;
+    float val = 0.f;
+    if (t < T && src >= 0) val = to_f32(x[((int64_t(b) * T + src) * H + h) * X + c]);
+    dst[i * ld + c] = from_f32<Td>(val);
+  }
+}
+// Per-(b,h) f32 rows [Tp][M] of a scratch array into sdst [C][ld].
+__device__ __forceinline__ void load_scratch_rows(float* sdst, int ld, const float* __restrict__ src,
+                                                  int C, int M) {
+  for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
+    const int i = e / M, s = e - i * M;
+    sdst[i * ld + s] = src[int64_t(i) * M + s];
+  }
+}
+// sB [C][ld] holds G' on entry: becomes B_i = log2(e) * inclusive cumsum over rows, per column.
+__device__ __forceinline__ void gate_cumsum(float* sB, int ld, int C, int M) {
+  for (int s = threadIdx.x; s < M; s += blockDim.x) {
+    float acc = 0.f;
+    for (int i = 0; i < C; ++i) {
+      acc += sB[i * ld + s] * kLog2e;
+      sB[i * ld + s] = acc;
+    }
+  }
+}
+
+// The lower-triangle pair (i, j <= i) of linear index p = i (i + 1) / 2 + j.
+__device__ __forceinline__ void tri_pair(int p, int& i, int& j) {
+  int r = int((sqrtf(8.f * float(p) + 1.f) - 1.f) * 0.5f);
+  while (r * (r + 1) / 2 > p) --r;
+  while ((r + 1) * (r + 2) / 2 <= p) ++r;
+  i = r;
+  j = p - r * (r + 1) / 2;
+}
+// sOut[i][j] = sum_s X_i[s] S'_j[s] D_ij[s] for j <= i, 0 for j > i.   X, S', B [C][lm1]; out [C][lc1]
+// (W with X = pm, dA with X = dlm). rowscale (optional, [C]) multiplies row i.
+__device__ __forceinline__ void pair_weights(float* sOut, const float* sX, const float* sS,
+                                             const float* sB, const float* rowscale,
+                                             const Layout& L) {
+  const int C = L.C, M = L.M;
+  for (int p = threadIdx.x; p < C * (C + 1) / 2; p += blockDim.x) {
+    int i, j;
+    tri_pair(p, i, j);
+    const float* xi = sX + i * L.lm1;
+    const float* bi = sB + i * L.lm1;
+    const float* sj = sS + j * L.lm1;
+    const float* bj = sB + j * L.lm1;
+    float acc = 0.f;
+    for (int s = 0; s < M; ++s) acc += xi[s] * sj[s] * exp2f(bi[s] - bj[s]);
+    sOut[i * L.lc1 + j] = rowscale ? acc * rowscale[i] : acc;
+  }
+  for (int e = threadIdx.x; e < C * C; e += blockDim.x) {
+    const int i = e / C, j = e - i * C;
+    if (j > i) sOut[i * L.lc1 + j] = 0.f;
+  }
+}
+
+// Memory-branch logits and softmax of one chunk (shared by the forward and the backward):
+//   sA [C][lc1] = A = scale Q K'^T (j <= i; 0 above the diagonal)
+//   sP [C][lm1] = pm = softmax_s(lm),  lm_i = scale (q_i Hk) ⊙ 2^{B_i} + sum_{j<=i} A_ij S'_j ⊙ D_ij
+//   sLM (optional) = lm;  sLse [C] = logsumexp_s(lm_i)
+// Inputs: sQ, sK [C][ldt]; sS, sB [C][lm1]; Hk [D][M] (global, the state at the chunk start).
+// Starts with the block's inputs loaded (after a barrier) and ends with a barrier.
+template <typename Tv>
+__device__ void memory_logits(const NhaParams& p, const Layout& L, const Tv* sQ, const Tv* sK,
+                              const float* sS, const float* sB, float* sP, float* sA, float* sLM,
+                              float* sLse, const float* __restrict__ Hk) {
+  const int C = L.C, D = L.D, M = L.M, ldt = L.ldt, lm1 = L.lm1, lc1 = L.lc1;
+  const float scale = p.scale;
+  for_tiles(C, C, [&](const Tile& tl) {
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, D, [&](int i, int d) { return to_f32(sQ[i * ldt + d]); },
+           [&](int d, int j) { return to_f32(sK[j * ldt + d]); });
+#pragma unroll
+    for (int v = 0; v < kTM; ++v)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[v] && tl.cv[u]) {
+          const int i = tl.r[v], j = tl.c[u];
+          sA[i * lc1 + j] = j <= i ? scale * acc[v][u] : 0.f;
+        }
+  });
+  for_tiles(C, M, [&](const Tile& tl) {
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, D, [&](int i, int d) { return to_f32(sQ[i * ldt + d]); },
+           [&](int d, int s) { return __ldg(Hk + d * M + s); });
+#pragma unroll
+    for (int v = 0; v < kTM; ++v)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[v] && tl.cv[u]) {
+          const int i = tl.r[v], s = tl.c[u];
+          sP[i * lm1 + s] = scale * acc[v][u] * exp2f(sB[i * lm1 + s]);
+        }
+  });
+  __syncthreads();
+  // intra-chunk part, one (i, s) per thread step
+  for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
+    const int i = e / M, s = e - i * M;
+    const float bi = sB[i * lm1 + s];
+    float acc = sP[i * lm1 + s];
+    for (int j = 0; j <= i; ++j)
+      acc += sA[i * lc1 + j] * sS[j * lm1 + s] * exp2f(bi - sB[j * lm1 + s]);
+    sP[i * lm1 + s] = acc;
+  }
+  __syncthreads();
+  // softmax over the slots, one warp per row
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  for (int i = warp; i < C; i += nwarps) {
+    float* row = sP + i * lm1;
+    float mx = -INFINITY;
+    for (int s = lane; s < M; s += 32) mx = fmaxf(mx, row[s]);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int s = lane; s < M; s += 32) sum += expf(row[s] - mx);
+    sum = warp_sum(sum);
+    const float inv = 1.f / sum;
+    for (int s = lane; s < M; s += 32) {
+      const float x = row[s];
+      if (sLM) sLM[i * lm1 + s] = x;
+      row[s] = expf(x - mx) * inv;
+    }
+    if (lane == 0) sLse[i] = mx + logf(sum);
+  }
+  __syncthreads();
+}
+
+// ==== (1) chunk state contributions ===================================================================
+// states[bh][n] = (K'^T S~ [D][M], S~^T V' [M][D]);  bl[bh][n] = b.   Grid (N, B*H).
+template <typename Tv, typename Ts>
+__global__ void __launch_bounds__(kThreads)
+    nha_contrib_kernel(const NhaParams p, const Tv* __restrict__ k, const Tv* __restrict__ v,
+                       const Ts* __restrict__ s, const Ts* __restrict__ g) {
+  const int n = blockIdx.x, bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const Layout L(p.C, p.D, p.M, sizeof(Tv));
+  const int C = p.C, D = p.D, M = p.M, t0 = n * C;
+  extern __shared__ __align__(16) unsigned char smem[];
+  Tv* sK = reinterpret_cast<Tv*>(smem);                             // [C][ldt] K'
+  Tv* sV = reinterpret_cast<Tv*>(smem + L.tb);                      // [C][ldt] V'
+  float* sS = reinterpret_cast<float*>(smem + 2 * L.tb);            // [C][lm1] S', then S~
+  float* sB = reinterpret_cast<float*>(smem + 2 * L.tb + L.mb);     // [C][lm1] G', then B
+  load_rows(sK, L.ldt, k, b, h, p.T, p.H, D, t0, p.w, C);
+  load_rows(sV, L.ldt, v, b, h, p.T, p.H, D, t0, p.w, C);
+  load_rows(sS, L.lm1, s, b, h, p.T, p.H, M, t0, p.w, C);
+  load_rows(sB, L.lm1, g, b, h, p.T, p.H, M, t0, p.w, C);
+  __syncthreads();
+  gate_cumsum(sB, L.lm1, C, M);
+  __syncthreads();
+  const float* blast = sB + (C - 1) * L.lm1;
+  for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
+    const int i = e / M, c = e - i * M;
+    sS[i * L.lm1 + c] *= exp2f(blast[c] - sB[i * L.lm1 + c]);
+  }
+  for (int c = threadIdx.x; c < M; c += blockDim.x)
+    p.bl[(int64_t(bh) * p.N + n) * M + c] = blast[c];
+  __syncthreads();
+  float* dst = p.states + (int64_t(bh) * p.N + n) * p.E;
+  const int ldt = L.ldt, lm1 = L.lm1;
+  for_tiles(D, M, [&](const Tile& tl) {  // K'^T S~
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, C, [&](int d, int j) { return to_f32(sK[j * ldt + d]); },
+           [&](int j, int c) { return sS[j * lm1 + c]; });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[vv] && tl.cv[u]) dst[tl.r[vv] * M + tl.c[u]] = acc[vv][u];
+  });
+  for_tiles(M, D, [&](const Tile& tl) {  // S~^T V'
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, C, [&](int c, int j) { return sS[j * lm1 + c]; },
+           [&](int j, int d) { return to_f32(sV[j * ldt + d]); });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[vv] && tl.cv[u]) dst[D * M + tl.r[vv] * D + tl.c[u]] = acc[vv][u];
+  });
+}
+
+// ==== (2) scan over chunks ===========================================================================
+// buf [BH][N][E] holds per-chunk contributions X_n; afterwards slot n holds the exclusive scan
+//   forward:  H_0 = 0,  H_{n+1} = H_n ⊙ 2^{b_n} + X_n       (states at the chunk starts)
+//   reverse:  G_{N-1} = 0,  G_{n-1} = G_n ⊙ 2^{b_n} + X_n   (gradients carried into chunk n)
+// The decay of element e: with_decay = 1: Hk part (e < D M) column e % M, Hv part row (e - DM) / D;
+// with_decay = 0: none. One thread per (element, b*h); 8 chunks are loaded ahead.
+__global__ void __launch_bounds__(256)
+    nha_scan_kernel(float* __restrict__ buf, const float* __restrict__ bl, int N, int E, int D,
+                    int M, int with_decay, int reverse) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x, bh = blockIdx.y;
+  if (e >= E) return;
+  const int c = with_decay ? (e < D * M ? e % M : (e - D * M) / D) : 0;
+  float* x = buf + int64_t(bh) * N * E + e;
+  const float* f = bl + int64_t(bh) * N * M + c;
+  float hcur = 0.f;
+  for (int it = 0; it < N; it += 8) {
+    float xv[8], fv[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int idx = it + u, n = reverse ? N - 1 - idx : idx;
+      xv[u] = idx < N ? x[int64_t(n) * E] : 0.f;
+      fv[u] = (idx < N && with_decay) ? exp2f(f[int64_t(n) * M]) : 1.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int idx = it + u, n = reverse ? N - 1 - idx : idx;
+      if (idx < N) {
+        x[int64_t(n) * E] = hcur;
+        hcur = hcur * fv[u] + xv[u];
+      }
+    }
+  }
+}
+
+// ==== (3) forward outputs and the merge ================================================================
+// out, lse: on entry (o_w, lse_w) of the window branch when p.has_window; on exit the merged
+// output and lse (out [B, T, H, D], lse [B, H, T] f32). Grid (N, B*H).
+template <typename Tv, typename Ts>
+__global__ void __launch_bounds__(kThreads)
+    nha_forward_kernel(const NhaParams p, Tv* __restrict__ out, float* __restrict__ lse,
+                       const Tv* __restrict__ q, const Tv* __restrict__ k,
+                       const Tv* __restrict__ v, const Ts* __restrict__ s,
+                       const Ts* __restrict__ g) {
+  const int n = blockIdx.x, bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const Layout L(p.C, p.D, p.M, sizeof(Tv));
+  const int C = p.C, D = p.D, M = p.M, T = p.T, t0 = n * C;
+  const int ldt = L.ldt, lm1 = L.lm1, lc1 = L.lc1;
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* ptr = smem;
+  Tv* sQ = reinterpret_cast<Tv*>(ptr);     ptr += L.tb;  // [C][ldt] q
+  Tv* sKV = reinterpret_cast<Tv*>(ptr);    ptr += L.tb;  // [C][ldt] K', then V'
+  float* sS = reinterpret_cast<float*>(ptr);  ptr += L.mb;  // [C][lm1] S'
+  float* sB = reinterpret_cast<float*>(ptr);  ptr += L.mb;  // [C][lm1] B
+  float* sP = reinterpret_cast<float*>(ptr);  ptr += L.mb;  // [C][lm1] lm -> pm -> pm 2^B
+  float* sA = reinterpret_cast<float*>(ptr);  ptr += L.cb;  // [C][lc1] A, then W
+  float* sLse = reinterpret_cast<float*>(ptr); ptr += L.rb;  // [C] lse_m
+  float* sWw = reinterpret_cast<float*>(ptr);  ptr += L.rb;  // [C] weight of o_w
+  float* sWm = reinterpret_cast<float*>(ptr);                // [C] weight of o_m
+  load_rows(sQ, ldt, q, b, h, T, p.H, D, t0, 0, C);
+  load_rows(sKV, ldt, k, b, h, T, p.H, D, t0, p.w, C);
+  load_rows(sS, lm1, s, b, h, T, p.H, M, t0, p.w, C);
+  load_rows(sB, lm1, g, b, h, T, p.H, M, t0, p.w, C);
+  __syncthreads();
+  gate_cumsum(sB, lm1, C, M);
+  __syncthreads();
+  const float* Hk = p.states + (int64_t(bh) * p.N + n) * p.E;
+  const float* Hv = Hk + D * M;
+  memory_logits(p, L, sQ, sKV, sS, sB, sP, sA, nullptr, sLse, Hk);
+  load_rows(sKV, ldt, v, b, h, T, p.H, D, t0, p.w, C);
+  pair_weights(sA, sP, sS, sB, nullptr, L);
+  for (int i = threadIdx.x; i < C; i += blockDim.x) {
+    const int t = t0 + i;
+    float ww = 0.f, wm = 1.f;
+    if (t < T) {
+      const float lm = sLse[i];
+      float tot = lm;
+      if (p.has_window) {
+        const float lw = lse[int64_t(bh) * T + t];
+        const float mx = fmaxf(lw, lm);
+        tot = mx + log1pf(expf(-fabsf(lw - lm)));
+        ww = expf(lw - tot);
+        wm = expf(lm - tot);
+      }
+      lse[int64_t(bh) * T + t] = tot;
+    }
+    sWw[i] = ww;
+    sWm[i] = wm;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
+    const int i = e / M, c = e - i * M;
+    sP[i * lm1 + c] *= exp2f(sB[i * lm1 + c]);
+  }
+  __syncthreads();
+  for_tiles(C, D, [&](const Tile& tl) {  // o_m = (pm 2^B) Hv + W V'
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, M, [&](int i, int c) { return sP[i * lm1 + c]; },
+           [&](int c, int d) { return __ldg(Hv + c * D + d); });
+    mm_acc(acc, tl, C, [&](int i, int j) { return sA[i * lc1 + j]; },
+           [&](int j, int d) { return to_f32(sKV[j * ldt + d]); });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv) {
+      const int i = tl.r[vv], t = t0 + i;
+      if (!tl.rv[vv] || t >= T) continue;
+      Tv* orow = out + ((int64_t(b) * T + t) * p.H + h) * D;
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.cv[u]) {
+          const int d = tl.c[u];
+          float o = sWm[i] * acc[vv][u];
+          if (p.has_window) o += sWw[i] * to_f32(orow[d]);
+          orow[d] = from_f32<Tv>(o);
+        }
+    }
+  });
+}
+
+// ==== (4) backward: dpm, dlm, gate terms, chunk contributions to the carried state gradients =======
+// Writes pm, dlm, xp = dpm pm + dlm lm, r (rows of chunk n) and
+// dstates[bh][n] = (scale q^T (dlm 2^B) [D][M], (r pm 2^B)^T dO [M][D]). Grid (N, B*H).
+template <typename Tv, typename Ts>
+__global__ void __launch_bounds__(kThreads)
+    nha_dlogits_kernel(const NhaParams p, const Tv* __restrict__ dout,
+                       const Tv* __restrict__ out, const float* __restrict__ lse,
+                       const Tv* __restrict__ q, const Tv* __restrict__ k,
+                       const Tv* __restrict__ v, const Ts* __restrict__ s,
+                       const Ts* __restrict__ g) {
+  const int n = blockIdx.x, bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const Layout L(p.C, p.D, p.M, sizeof(Tv));
+  const int C = p.C, D = p.D, M = p.M, T = p.T, t0 = n * C;
+  const int ldt = L.ldt, lm1 = L.lm1, lc1 = L.lc1;
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* ptr = smem;
+  Tv* sQ = reinterpret_cast<Tv*>(ptr);     ptr += L.tb;  // [C][ldt] q
+  Tv* sKV = reinterpret_cast<Tv*>(ptr);    ptr += L.tb;  // [C][ldt] K', then V'
+  Tv* sdO = reinterpret_cast<Tv*>(ptr);    ptr += L.tb;  // [C][ldt] dO (unscaled)
+  float* sS = reinterpret_cast<float*>(ptr);   ptr += L.mb;  // [C][lm1] S'
+  float* sB = reinterpret_cast<float*>(ptr);   ptr += L.mb;  // [C][lm1] B
+  float* sP = reinterpret_cast<float*>(ptr);   ptr += L.mb;  // [C][lm1] pm, then r pm 2^B
+  float* sLM = reinterpret_cast<float*>(ptr);  ptr += L.mb;  // [C][lm1] lm
+  float* sDP = reinterpret_cast<float*>(ptr);  ptr += L.mb;  // [C][lm1] dpm, then dlm 2^B
+  float* sA = reinterpret_cast<float*>(ptr);   ptr += L.cb;  // [C][lc1] A, then E
+  float* sLse = reinterpret_cast<float*>(ptr); ptr += L.rb;  // [C] lse_m
+  float* sR = reinterpret_cast<float*>(ptr);   ptr += L.rb;  // [C] r
+  float* sCc = reinterpret_cast<float*>(ptr);               // [C] r dO.o
+  load_rows(sQ, ldt, q, b, h, T, p.H, D, t0, 0, C);
+  load_rows(sKV, ldt, k, b, h, T, p.H, D, t0, p.w, C);
+  load_rows(sdO, ldt, dout, b, h, T, p.H, D, t0, 0, C);
+  load_rows(sS, lm1, s, b, h, T, p.H, M, t0, p.w, C);
+  load_rows(sB, lm1, g, b, h, T, p.H, M, t0, p.w, C);
+  __syncthreads();
+  gate_cumsum(sB, lm1, C, M);
+  __syncthreads();
+  const float* Hk = p.states + (int64_t(bh) * p.N + n) * p.E;
+  const float* Hv = Hk + D * M;
+  memory_logits(p, L, sQ, sKV, sS, sB, sP, sA, sLM, sLse, Hk);
+  load_rows(sKV, ldt, v, b, h, T, p.H, D, t0, p.w, C);
+  {  // r_i = e^{lse_m - lse}, c_i = r_i dO_i . o_i; one warp per row
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    for (int i = warp; i < C; i += nwarps) {
+      const int t = t0 + i;
+      float r = 0.f, dot = 0.f;
+      if (t < T) {
+        const int64_t row = ((int64_t(b) * T + t) * p.H + h) * D;
+        for (int d = lane; d < D; d += 32) dot += to_f32(dout[row + d]) * to_f32(out[row + d]);
+        r = expf(sLse[i] - lse[int64_t(bh) * T + t]);
+      }
+      dot = warp_sum(dot);
+      if (lane == 0) {
+        sR[i] = r;
+        sCc[i] = r * dot;
+        p.r[int64_t(bh) * p.Tp + t0 + i] = r;
+      }
+    }
+  }
+  __syncthreads();
+  for_tiles(C, C, [&](const Tile& tl) {  // E = r_i dO_i . V'_j  (j <= i)
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, D, [&](int i, int d) { return to_f32(sdO[i * ldt + d]); },
+           [&](int d, int j) { return to_f32(sKV[j * ldt + d]); });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[vv] && tl.cv[u]) {
+          const int i = tl.r[vv], j = tl.c[u];
+          sA[i * lc1 + j] = j <= i ? sR[i] * acc[vv][u] : 0.f;
+        }
+  });
+  for_tiles(M, C, [&](const Tile& tl) {  // dpm inter, transposed: [s][i] = Hv_s . dO_i
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, D, [&](int c, int d) { return __ldg(Hv + c * D + d); },
+           [&](int d, int i) { return to_f32(sdO[i * ldt + d]); });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[vv] && tl.cv[u]) {
+          const int c = tl.r[vv], i = tl.c[u];
+          sDP[i * lm1 + c] = sR[i] * acc[vv][u] * exp2f(sB[i * lm1 + c]);
+        }
+  });
+  __syncthreads();
+  const int64_t rowbase = int64_t(bh) * p.Tp + t0;
+  for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
+    const int i = e / M, c = e - i * M;
+    const float bi = sB[i * lm1 + c];
+    float dpm = sDP[i * lm1 + c];
+    for (int j = 0; j <= i; ++j)
+      dpm += sA[i * lc1 + j] * sS[j * lm1 + c] * exp2f(bi - sB[j * lm1 + c]);
+    const float pm = sP[i * lm1 + c];
+    const float dlm = pm * (dpm - sCc[i]);
+    const int64_t o = (rowbase + i) * M + c;
+    p.pm[o] = pm;
+    p.dlm[o] = dlm;
+    p.xp[o] = dpm * pm + dlm * sLM[i * lm1 + c];
+    const float eb = exp2f(bi);
+    sDP[i * lm1 + c] = dlm * eb;
+    sP[i * lm1 + c] = pm * sR[i] * eb;
+  }
+  __syncthreads();
+  float* dst = p.dstates + (int64_t(bh) * p.N + n) * p.E;
+  for_tiles(M, D, [&](const Tile& tl) {  // (r pm 2^B)^T dO
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, C, [&](int c, int i) { return sP[i * lm1 + c]; },
+           [&](int i, int d) { return to_f32(sdO[i * ldt + d]); });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[vv] && tl.cv[u]) dst[D * M + tl.r[vv] * D + tl.c[u]] = acc[vv][u];
+  });
+  for_tiles(D, M, [&](const Tile& tl) {  // scale q^T (dlm 2^B)
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, C, [&](int d, int i) { return to_f32(sQ[i * ldt + d]); },
+           [&](int i, int c) { return sDP[i * lm1 + c]; });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[vv] && tl.cv[u]) dst[tl.r[vv] * M + tl.c[u]] = p.scale * acc[vv][u];
+  });
+}
+
+// ==== (6) backward: dq, dk, dv (+=), ds, and the gate terms' in-chunk reverse cumsum ===============
+// dq [B,T,H,D] rows of chunk n; dk, dv, ds rows t - w (t >= w); xp rows of chunk n become the
+// in-chunk reverse cumsum of X = xp - S' ⊙ dS'; xtot[bh][n] = its row-0 value. Grid (N, B*H).
+template <typename Tv, typename Ts>
+__global__ void __launch_bounds__(kThreads)
+    nha_grads_kernel(const NhaParams p, Tv* __restrict__ dq, Tv* __restrict__ dk,
+                     Tv* __restrict__ dv, Ts* __restrict__ ds, const Tv* __restrict__ dout,
+                     const Tv* __restrict__ q, const Tv* __restrict__ k,
+                     const Tv* __restrict__ v, const Ts* __restrict__ s,
+                     const Ts* __restrict__ g) {
+  const int n = blockIdx.x, bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const Layout L(p.C, p.D, p.M, sizeof(Tv));
+  const int C = p.C, D = p.D, M = p.M, T = p.T, H = p.H, w = p.w, t0 = n * C;
+  const int ldt = L.ldt, lm1 = L.lm1, lc1 = L.lc1;
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* ptr = smem;
+  Tv* sQ = reinterpret_cast<Tv*>(ptr);    ptr += L.tb;  // [C][ldt] q
+  Tv* sK = reinterpret_cast<Tv*>(ptr);    ptr += L.tb;  // [C][ldt] K'
+  Tv* sV = reinterpret_cast<Tv*>(ptr);    ptr += L.tb;  // [C][ldt] V'   } later one f32
+  Tv* sdO = reinterpret_cast<Tv*>(ptr);   ptr += L.tb;  // [C][ldt] dO   } scratch [C][D+1]
+  float* sS = reinterpret_cast<float*>(ptr);  ptr += L.mb;  // [C][lm1] S', then S~
+  float* sB = reinterpret_cast<float*>(ptr);  ptr += L.mb;  // [C][lm1] B
+  float* sP = reinterpret_cast<float*>(ptr);  ptr += L.mb;  // [C][lm1] pm
+  float* sDL = reinterpret_cast<float*>(ptr); ptr += L.mb;  // [C][lm1] dlm, then dlm 2^B
+  float* sX = reinterpret_cast<float*>(ptr);  ptr += L.mb;  // [C][lm1] state terms, then X
+  float* sA = reinterpret_cast<float*>(ptr);  ptr += L.cb;  // [C][lc1] A, then dA
+  float* sE = reinterpret_cast<float*>(ptr);  ptr += L.cb;  // [C][lc1] E, then r_i W
+  float* sR = reinterpret_cast<float*>(ptr);                // [C] r
+  float* scr = reinterpret_cast<float*>(sV);                // [C][D+1] f32 (after dV')
+  const int lds = D + 1;
+  load_rows(sQ, ldt, q, b, h, T, H, D, t0, 0, C);
+  load_rows(sK, ldt, k, b, h, T, H, D, t0, w, C);
+  load_rows(sV, ldt, v, b, h, T, H, D, t0, w, C);
+  load_rows(sdO, ldt, dout, b, h, T, H, D, t0, 0, C);
+  load_rows(sS, lm1, s, b, h, T, H, M, t0, w, C);
+  load_rows(sB, lm1, g, b, h, T, H, M, t0, w, C);
+  const int64_t rowbase = int64_t(bh) * p.Tp + t0;
+  load_scratch_rows(sP, lm1, p.pm + rowbase * M, C, M);
+  load_scratch_rows(sDL, lm1, p.dlm + rowbase * M, C, M);
+  for (int i = threadIdx.x; i < C; i += blockDim.x) sR[i] = p.r[rowbase + i];
+  __syncthreads();
+  gate_cumsum(sB, lm1, C, M);
+  __syncthreads();
+  const float* Hk = p.states + (int64_t(bh) * p.N + n) * p.E;
+  const float* dHk = p.dstates + (int64_t(bh) * p.N + n) * p.E;
+  const float* dHv = dHk + D * M;
+  const float scale = p.scale;
+  for_tiles(C, C, [&](const Tile& tl) {  // A = scale q_i . K'_j, E = r_i dO_i . V'_j (j <= i)
+    float acc[kTM][kTN] = {}, acc2[kTM][kTN] = {};
+    mm_acc(acc, tl, D, [&](int i, int d) { return to_f32(sQ[i * ldt + d]); },
+           [&](int d, int j) { return to_f32(sK[j * ldt + d]); });
+    mm_acc(acc2, tl, D, [&](int i, int d) { return to_f32(sdO[i * ldt + d]); },
+           [&](int d, int j) { return to_f32(sV[j * ldt + d]); });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[vv] && tl.cv[u]) {
+          const int i = tl.r[vv], j = tl.c[u];
+          sA[i * lc1 + j] = j <= i ? scale * acc[vv][u] : 0.f;
+          sE[i * lc1 + j] = j <= i ? sR[i] * acc2[vv][u] : 0.f;
+        }
+  });
+  for_tiles(C, M, [&](const Tile& tl) {  // state terms, part 1: K' dHk
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, D, [&](int j, int d) { return to_f32(sK[j * ldt + d]); },
+           [&](int d, int c) { return __ldg(dHk + d * M + c); });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[vv] && tl.cv[u]) sX[tl.r[vv] * lm1 + tl.c[u]] = acc[vv][u];
+  });
+  __syncthreads();
+  for_tiles(M, C, [&](const Tile& tl) {  // part 2, transposed: [s][j] += dHv_s . V'_j
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, D, [&](int c, int d) { return __ldg(dHv + c * D + d); },
+           [&](int d, int j) { return to_f32(sV[j * ldt + d]); });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[vv] && tl.cv[u]) sX[tl.c[u] * lm1 + tl.r[vv]] += acc[vv][u];
+  });
+  __syncthreads();
+  // dS'_j = sum_{i>=j} (A_ij dlm_i + E_ij pm_i) ⊙ D_ij + 2^{b - B_j} ⊙ (state terms)
+  const float* blast = sB + (C - 1) * lm1;
+  for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
+    const int j = e / M, c = e - j * M, t = t0 + j;
+    const float bj = sB[j * lm1 + c];
+    float acc = 0.f;
+    for (int i = j; i < C; ++i)
+      acc += (sA[i * lc1 + j] * sDL[i * lm1 + c] + sE[i * lc1 + j] * sP[i * lm1 + c]) *
+             exp2f(sB[i * lm1 + c] - bj);
+    const float dS = acc + exp2f(blast[c] - bj) * sX[j * lm1 + c];
+    if (t >= w && t < T) ds[((int64_t(b) * T + (t - w)) * H + h) * M + c] = from_f32<Ts>(dS);
+    sX[j * lm1 + c] = p.xp[(rowbase + j) * M + c] - sS[j * lm1 + c] * dS;
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < M; c += blockDim.x) {  // in-chunk reverse cumsum of X
+    float acc = 0.f;
+    for (int i = C - 1; i >= 0; --i) {
+      acc += sX[i * lm1 + c];
+      p.xp[(rowbase + i) * M + c] = acc;
+    }
+    p.xtot[(int64_t(bh) * p.N + n) * M + c] = acc;
+  }
+  pair_weights(sE, sP, sS, sB, sR, L);     // r_i W_ij
+  pair_weights(sA, sDL, sS, sB, nullptr, L);  // dA_ij
+  __syncthreads();
+  for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
+    const int i = e / M, c = e - i * M;
+    const float bi = sB[i * lm1 + c];
+    sS[i * lm1 + c] *= exp2f(blast[c] - bi);
+    sDL[i * lm1 + c] *= exp2f(bi);
+  }
+  __syncthreads();
+  for_tiles(C, D, [&](const Tile& tl) {  // dV' = (r W)^T dO + S~ dHv;  dv[t - w] +=
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, C, [&](int j, int i) { return sE[i * lc1 + j]; },
+           [&](int i, int d) { return to_f32(sdO[i * ldt + d]); });
+    mm_acc(acc, tl, M, [&](int j, int c) { return sS[j * lm1 + c]; },
+           [&](int c, int d) { return __ldg(dHv + c * D + d); });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv) {
+      const int t = t0 + tl.r[vv];
+      if (!tl.rv[vv] || t < w || t >= T) continue;
+      Tv* row = dv + ((int64_t(b) * T + (t - w)) * H + h) * D;
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.cv[u]) row[tl.c[u]] = from_f32<Tv>(to_f32(row[tl.c[u]]) + acc[vv][u]);
+    }
+  });
+  __syncthreads();
+  for_tiles(D, C, [&](const Tile& tl) {  // scr[j][d] = (S~ dHk^T)[j][d]
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, M, [&](int d, int c) { return __ldg(dHk + d * M + c); },
+           [&](int c, int j) { return sS[j * lm1 + c]; });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[vv] && tl.cv[u]) scr[tl.c[u] * lds + tl.r[vv]] = acc[vv][u];
+  });
+  __syncthreads();
+  for_tiles(C, D, [&](const Tile& tl) {  // dK' = scale dA^T q + scr;  dk[t - w]
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, C, [&](int j, int i) { return sA[i * lc1 + j]; },
+           [&](int i, int d) { return to_f32(sQ[i * ldt + d]); });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv) {
+      const int j = tl.r[vv], t = t0 + j;
+      if (!tl.rv[vv] || t < w || t >= T) continue;
+      Tv* row = dk + ((int64_t(b) * T + (t - w)) * H + h) * D;
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.cv[u]) row[tl.c[u]] = from_f32<Tv>(scale * acc[vv][u] + scr[j * lds + tl.c[u]]);
+    }
+  });
+  __syncthreads();
+  for_tiles(D, C, [&](const Tile& tl) {  // scr[i][d] = ((dlm 2^B) Hk^T)[i][d]
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, M, [&](int d, int c) { return __ldg(Hk + d * M + c); },
+           [&](int c, int i) { return sDL[i * lm1 + c]; });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv)
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.rv[vv] && tl.cv[u]) scr[tl.c[u] * lds + tl.r[vv]] = acc[vv][u];
+  });
+  __syncthreads();
+  for_tiles(C, D, [&](const Tile& tl) {  // dq = scale (scr + dA K')
+    float acc[kTM][kTN] = {};
+    mm_acc(acc, tl, C, [&](int i, int j) { return sA[i * lc1 + j]; },
+           [&](int j, int d) { return to_f32(sK[j * ldt + d]); });
+#pragma unroll
+    for (int vv = 0; vv < kTM; ++vv) {
+      const int i = tl.r[vv], t = t0 + i;
+      if (!tl.rv[vv] || t >= T) continue;
+      Tv* row = dq + ((int64_t(b) * T + t) * H + h) * D;
+#pragma unroll
+      for (int u = 0; u < kTN; ++u)
+        if (tl.cv[u]) row[tl.c[u]] = from_f32<Tv>(scale * (acc[vv][u] + scr[i * lds + tl.c[u]]));
+    }
+  });
+}
+
+// ==== (7) dg: carry + in-chunk reverse cumsum, un-shifted =====================================
+// dg[b, j, h, s] = xp[bh][j + w][s] + xtot[bh][(j + w) / C][s] for j + w < T, else 0.
+template <typename Ts>
+__global__ void nha_dg_kernel(const NhaParams p, Ts* __restrict__ dg) {
+  const int64_t total = int64_t(p.B) * p.T * p.H * p.M;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int c = int(e % p.M);
+    int64_t rest = e / p.M;
+    const int h = int(rest % p.H);
+    rest /= p.H;
+    const int j = int(rest % p.T), b = int(rest / p.T);
+    const int t = j + p.w;
+    float val = 0.f;
+    if (t < p.T) {
+      const int64_t bh = int64_t(b) * p.H + h;
+      val = p.xp[(bh * p.Tp + t) * p.M + c] + p.xtot[(bh * p.N + t / p.C) * p.M + c];
+    }
+    dg[e] = from_f32<Ts>(val);
+  }
+}
+
+// ==== window >= T: the memory is never written ================================================
+// o_m = 0 and lse_m = log M, so out = o_w e^{lse_w - L}, L = logaddexp(lse_w, log M).
+// Pass 1 scales out (reads lse), pass 2 rewrites lse.   out [B, T, H, D], lse [B, H, T]
+template <typename Tv>
+__global__ void nha_empty_scale_kernel(Tv* __restrict__ out, const float* __restrict__ lse, int B,
+                                       int T, int H, int D, float logm) {
+  const int64_t total = int64_t(B) * T * H * D;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    int64_t row = e / D;
+    const int h = int(row % H);
+    row /= H;
+    const int t = int(row % T), b = int(row / T);
+    const float lw = lse[(int64_t(b) * H + h) * T + t];
+    const float tot = fmaxf(lw, logm) + log1pf(expf(-fabsf(lw - logm)));
+    out[e] = from_f32<Tv>(to_f32(out[e]) * expf(lw - tot));
+  }
+}
+__global__ void nha_empty_lse_kernel(float* __restrict__ lse, int64_t n, float logm) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const float lw = lse[e];
+    lse[e] = fmaxf(lw, logm) + log1pf(expf(-fabsf(lw - logm)));
+  }
+}
+
+// ==== gates ===========================================================================================
+// g = logsigmoid(f) / 8 = (min(f, 0) - log1p(e^{-|f|})) / 8;  s = 1 - e^g = -expm1(g)
+template <typename Tf, typename Tg>
+__global__ void nha_gate_forward_kernel(Tg* __restrict__ g, Tg* __restrict__ s,
+                                        const Tf* __restrict__ f, int64_t n) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const float x = to_f32(f[e]);
+    const float gi = (fminf(x, 0.f) - log1pf(expf(-fabsf(x)))) * 0.125f;
+    g[e] = from_f32<Tg>(gi);
+    s[e] = from_f32<Tg>(-expm1f(gi));
+  }
+}
+// df = (dg - e^g ds) sigmoid(-f) / 8
+template <typename Tf, typename Tg>
+__global__ void nha_gate_backward_kernel(Tf* __restrict__ df, const Tg* __restrict__ dg,
+                                         const Tg* __restrict__ ds, const Tf* __restrict__ f,
+                                         int64_t n) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const float x = to_f32(f[e]);
+    const float gi = (fminf(x, 0.f) - log1pf(expf(-fabsf(x)))) * 0.125f;
+    const float sig_neg = 1.f / (1.f + expf(x));
+    df[e] = from_f32<Tf>((to_f32(dg[e]) - expf(gi) * to_f32(ds[e])) * sig_neg * 0.125f);
+  }
+}
+
+// ==== host side ========================================================================================
+struct NhaDims {
+  int B, T, H, D, M;
+};
+
+NhaDims check_nha(const char* op, int dev, const Tensor& q, const Tensor& k, const Tensor& qr,
+                  const Tensor& kr, const Tensor& v, const Tensor& s, const Tensor& g,
+                  const Tensor& lse, int64_t window) {
+  NHA_CHECK(q.dim() == 4 && s.dim() == 4)
+      << op << ": q must be [B, T, H, D] and s [B, T, H, M], got " << q.str() << ", " << s.str();
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&k, &qr, &kr, &v}) check_same_shape(*t, q, op);
+  check_same_shape(g, s, op);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &qr, &kr, &v, &s, &g, &lse}) check_cuda_tensor(*t, dev, op, "argument");
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&k, &qr, &kr, &v})
+    NHA_CHECK(t->dtype() == q.dtype())
+        << op << ": q, k, qr, kr, v must share one dtype, got " << q.str() << " and " << t->str();
+  NHA_CHECK(q.dtype() == DType::F32 || q.dtype() == DType::BF16)
+      << op << " on CUDA needs f32 or bf16 tensors, got " << q.str()
+      << ". HINT: f64 is CPU-only; convert with .to(DType::F32)";
+  NHA_CHECK(g.dtype() == s.dtype() && (s.dtype() == q.dtype() || s.dtype() == DType::F32))
+      << op << ": s and g must share one dtype, q's or f32, got s " << s.str() << ", g " << g.str()
+      << " with q " << q.str();
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), M = s.size(3);
+  NHA_CHECK(s.size(0) == B && s.size(1) == T && s.size(2) == H)
+      << op << ": s " << s.str() << " must share [B, T, H] with q " << q.str();
+  NHA_CHECK(lse.shape() == (Shape{B, H, T}))
+      << op << ": lse must be [B, H, T] = " << shape_str({B, H, T}) << ", got " << lse.str();
+  check_dtype_is(lse, DType::F32, op, "lse");
+  NHA_CHECK(window >= 0) << op << ": window must be >= 0, got " << window;
+  NHA_CHECK(D % 8 == 0 && D >= 8 && D <= kMaxD)
+      << op << ": head dim " << D << " is not supported on CUDA (needs a multiple of 8 in [8, "
+      << kMaxD << "])";
+  NHA_CHECK(M >= 1 && M <= kMaxM)
+      << op << ": " << M << " memory slots are not supported on CUDA (needs 1 <= M <= " << kMaxM
+      << ")";
+  NHA_CHECK(T < (1LL << 30) && B * H <= 65535)
+      << op << ": unsupported shape " << q.str() << " (needs T < 2^30, B*H <= 65535)";
+  return {int(B), int(T), int(H), int(D), int(M)};
+}
+
+// The chunk size: 64 rows unless the largest chunk kernel's shared memory does not fit, then 32,
+// then 16. NHA_CUDA_NHA_CHUNK=16|32|64 forces a smaller one (tests).
+int choose_chunk(int dev, int D, int M, int tsize) {
+  const size_t limit = device_properties(dev).sharedMemPerBlockOptin;
+  int forced = 0;
+  if (const char* e = std::getenv("NHA_CUDA_NHA_CHUNK")) forced = std::atoi(e);
+  for (int C : {64, 32, 16}) {
+    if (forced > 0 && C > forced) continue;
+    if (Layout(C, D, M, tsize).max_bytes() <= limit) return C;
+  }
+  NHA_FAIL() << "nha: no chunk size fits shared memory for head dim " << D << " and " << M
+             << " slots";
+  return 0;
+}
+
+template <typename Kernel, typename... Args>
+void launch_chunks(Kernel kernel, const NhaParams& p, size_t smem, cudaStream_t st,
+                   Args... args) {
+  if (smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(smem)));
+  kernel<<<dim3(unsigned(p.N), unsigned(p.B * p.H)), kThreads, smem, st>>>(p, args...);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_scan(float* buf, const float* bl, const NhaParams& p, int E, bool with_decay,
+                 bool reverse, cudaStream_t st) {
+  nha_scan_kernel<<<dim3(unsigned((E + 255) / 256), unsigned(p.B * p.H)), 256, 0, st>>>(
+      buf, bl, p.N, E, p.D, p.M, with_decay ? 1 : 0, reverse ? 1 : 0);
+  CUDA_CHECK_LAUNCH();
+}
+
+NhaParams make_params(const NhaDims& d, int C, int64_t window, bool has_window, double scale) {
+  NhaParams p{};
+  p.B = d.B;
+  p.T = d.T;
+  p.H = d.H;
+  p.D = d.D;
+  p.M = d.M;
+  p.C = C;
+  p.N = (d.T + C - 1) / C;
+  p.Tp = p.N * C;
+  p.w = int(window);
+  p.has_window = has_window ? 1 : 0;
+  p.scale = float(scale);
+  p.E = 2 * d.D * d.M;
+  return p;
+}
+
+// Calls fn.template operator()<Tv, Ts>() for (q dtype, s dtype) in {(f32, f32), (bf16, bf16),
+// (bf16, f32)} (checked by check_nha).
+template <typename F>
+void dispatch_nha(const Tensor& q, const Tensor& s, F&& fn) {
+  if (q.dtype() == DType::F32)
+    fn.template operator()<float, float>();
+  else if (s.dtype() == DType::BF16)
+    fn.template operator()<bf16_t, bf16_t>();
+  else
+    fn.template operator()<bf16_t, float>();
+}
+
+void zero(Tensor& x, cudaStream_t st) {
+  if (x.numel() > 0) CUDA_CHECK(cudaMemsetAsync(x.data_ptr(), 0, x.nbytes(), st));
+}
+
+}  // namespace
+
+void CudaBackend::nha_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                              const Tensor& qr, const Tensor& kr, const Tensor& v,
+                              const Tensor& s, const Tensor& g, double scale, int64_t window) {
+  const char* op = "nha_forward";
+  const int dev = q.device().index;
+  const NhaDims d = check_nha(op, dev, q, k, qr, kr, v, s, g, lse, window);
+  check_cuda_tensor(out, dev, op, "out");
+  check_same_shape(out, q, "nha_forward out");
+  NHA_CHECK(out.dtype() == q.dtype()) << op << ": out " << out.str() << " vs q " << q.str();
+  if (q.numel() == 0 || s.numel() == 0) {
+    NHA_CHECK(q.numel() == 0) << op << ": M = 0 slots is not supported";
+    return;
+  }
+  DeviceGuard guard(dev);
+  cudaStream_t st = current_stream(dev);
+  // Window branch: (o_w, lse_w) straight into out, lse (window >= T: plain causal).
+  if (window > 0) attention_forward(out, lse, qr, kr, v, scale, window >= d.T ? 0 : window);
+  if (window >= d.T) {  // memory never written: merge with M zero-logit, zero-value slots
+    const float logm = logf(float(d.M));
+    dispatch_f32_bf16(q, op, [&]<typename Tv>() {
+      nha_empty_scale_kernel<Tv><<<grid_for(out.numel(), 256), 256, 0, st>>>(
+          static_cast<Tv*>(out.data_ptr()), static_cast<const float*>(lse.data_ptr()), d.B, d.T,
+          d.H, d.D, logm);
+      CUDA_CHECK_LAUNCH();
+    });
+    nha_empty_lse_kernel<<<grid_for(lse.numel(), 256), 256, 0, st>>>(
+        static_cast<float*>(lse.data_ptr()), lse.numel(), logm);
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
+  const int tsize = int(dtype_size(q.dtype()));
+  const int C = choose_chunk(dev, d.D, d.M, tsize);
+  NhaParams p = make_params(d, C, window, window > 0, scale);
+  const Layout L(C, d.D, d.M, tsize);
+  const int64_t BH = int64_t(d.B) * d.H;
+  Scratch states(size_t(BH) * p.N * p.E * sizeof(float), dev);
+  Scratch bl(size_t(BH) * p.N * d.M * sizeof(float), dev);
+  p.states = states.as<float>();
+  p.bl = bl.as<float>();
+  dispatch_nha(q, s, [&]<typename Tv, typename Ts>() {
+    launch_chunks(nha_contrib_kernel<Tv, Ts>, p, L.contrib_bytes(), st,
+                  static_cast<const Tv*>(k.data_ptr()), static_cast<const Tv*>(v.data_ptr()),
+                  static_cast<const Ts*>(s.data_ptr()), static_cast<const Ts*>(g.data_ptr()));
+    launch_scan(p.states, p.bl, p, p.E, true, false, st);
+    launch_chunks(nha_forward_kernel<Tv, Ts>, p, L.forward_bytes(), st,
+                  static_cast<Tv*>(out.data_ptr()), static_cast<float*>(lse.data_ptr()),
+                  static_cast<const Tv*>(q.data_ptr()), static_cast<const Tv*>(k.data_ptr()),
+                  static_cast<const Tv*>(v.data_ptr()), static_cast<const Ts*>(s.data_ptr()),
+                  static_cast<const Ts*>(g.data_ptr()));
+  });
+}
+
+void CudaBackend::nha_backward(Tensor& dq, Tensor& dk, Tensor& dqr, Tensor& dkr, Tensor& dv,
+                               Tensor& ds, Tensor& dg, const Tensor& dout, const Tensor& q,
+                               const Tensor& k, const Tensor& qr, const Tensor& kr,
+                               const Tensor& v, const Tensor& s, const Tensor& g,
+                               const Tensor& out, const Tensor& lse, double scale,
+                               int64_t window) {
+  const char* op = "nha_backward";
+  const int dev = q.device().index;
+  const NhaDims d = check_nha(op, dev, q, k, qr, kr, v, s, g, lse, window);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&dq, &dk, &dqr, &dkr, &dv, &dout, &out}) {
+    check_cuda_tensor(*t, dev, op, "argument");
+    check_same_shape(*t, q, op);
+    NHA_CHECK(t->dtype() == q.dtype())
+        << op << ": " << t->str() << " must have q's dtype " << dtype_name(q.dtype());
+  }
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&ds, &dg}) {
+    check_cuda_tensor(*t, dev, op, "argument");
+    check_same_shape(*t, s, op);
+    NHA_CHECK(t->dtype() == s.dtype())
+        << op << ": " << t->str() << " must have s's dtype " << dtype_name(s.dtype());
+  }
+  if (q.numel() == 0 || s.numel() == 0) {
+    NHA_CHECK(q.numel() == 0) << op << ": M = 0 slots is not supported";
+    return;
+  }
+  DeviceGuard guard(dev);
+  cudaStream_t st = current_stream(dev);
+  // Window branch: flash backward with the merged out and the global lse.
+  if (window > 0) {
+    attention_backward(dqr, dkr, dv, dout, qr, kr, v, out, lse, scale,
+                       window >= d.T ? 0 : window);
+  } else {
+    zero(dqr, st);
+    zero(dkr, st);
+    zero(dv, st);
+  }
+  if (window >= d.T) {  // memory never written: no memory gradients
+    zero(dq, st);
+    zero(dk, st);
+    zero(ds, st);
+    zero(dg, st);
+    return;
+  }
+  // Rows [T - w, T) of dk and ds receive no shifted write (their tokens never reach the memory).
+  zero(dk, st);
+  zero(ds, st);
+  const int tsize = int(dtype_size(q.dtype()));
+  const int C = choose_chunk(dev, d.D, d.M, tsize);
+  NhaParams p = make_params(d, C, window, window > 0, scale);
+  const Layout L(C, d.D, d.M, tsize);
+  const int64_t BH = int64_t(d.B) * d.H;
+  Scratch states(size_t(BH) * p.N * p.E * sizeof(float), dev);
+  Scratch dstates(size_t(BH) * p.N * p.E * sizeof(float), dev);
+  Scratch bl(size_t(BH) * p.N * d.M * sizeof(float), dev);
+  Scratch xtot(size_t(BH) * p.N * d.M * sizeof(float), dev);
+  Scratch pm(size_t(BH) * p.Tp * d.M * sizeof(float), dev);
+  Scratch dlm(size_t(BH) * p.Tp * d.M * sizeof(float), dev);
+  Scratch xp(size_t(BH) * p.Tp * d.M * sizeof(float), dev);
+  Scratch r(size_t(BH) * p.Tp * sizeof(float), dev);
+  p.states = states.as<float>();
+  p.dstates = dstates.as<float>();
+  p.bl = bl.as<float>();
+  p.xtot = xtot.as<float>();
+  p.pm = pm.as<float>();
+  p.dlm = dlm.as<float>();
+  p.xp = xp.as<float>();
+  p.r = r.as<float>();
+  dispatch_nha(q, s, [&]<typename Tv, typename Ts>() {
+    const Tv *pq = static_cast<const Tv*>(q.data_ptr()), *pk = static_cast<const Tv*>(k.data_ptr()),
+             *pv = static_cast<const Tv*>(v.data_ptr());
+    const Ts *ps = static_cast<const Ts*>(s.data_ptr()), *pg = static_cast<const Ts*>(g.data_ptr());
+    launch_chunks(nha_contrib_kernel<Tv, Ts>, p, L.contrib_bytes(), st, pk, pv, ps, pg);
+    launch_scan(p.states, p.bl, p, p.E, true, false, st);
+    launch_chunks(nha_dlogits_kernel<Tv, Ts>, p, L.dlogits_bytes(), st,
+                  static_cast<const Tv*>(dout.data_ptr()), static_cast<const Tv*>(out.data_ptr()),
+                  static_cast<const float*>(lse.data_ptr()), pq, pk, pv, ps, pg);
+    launch_scan(p.dstates, p.bl, p, p.E, true, true, st);
+    launch_chunks(nha_grads_kernel<Tv, Ts>, p, L.grads_bytes(), st,
+                  static_cast<Tv*>(dq.data_ptr()), static_cast<Tv*>(dk.data_ptr()),
+                  static_cast<Tv*>(dv.data_ptr()), static_cast<Ts*>(ds.data_ptr()),
+                  static_cast<const Tv*>(dout.data_ptr()), pq, pk, pv, ps, pg);
+    launch_scan(p.xtot, p.bl, p, d.M, false, true, st);
+    nha_dg_kernel<Ts><<<grid_for(dg.numel(), 256), 256, 0, st>>>(p, static_cast<Ts*>(dg.data_ptr()));
+    CUDA_CHECK_LAUNCH();
+  });
+}
+
+void CudaBackend::nha_gate_forward(Tensor& g, Tensor& s, const Tensor& f) {
+  const char* op = "nha_gate_forward";
+  const int dev = f.device().index;
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&g, &s, &f}) check_cuda_tensor(*t, dev, op, "argument");
+  check_same_shape(g, f, "nha_gate_forward g");
+  check_same_shape(s, f, "nha_gate_forward s");
+  NHA_CHECK(g.dtype() == s.dtype() && (g.dtype() == f.dtype() || g.dtype() == DType::F32))
+      << op << ": g and s must share one dtype, f's or f32, got " << g.str() << ", " << s.str()
+      << " for f " << f.str();
+  if (f.numel() == 0) return;
+  DeviceGuard guard(dev);
+  cudaStream_t st = current_stream(dev);
+  dispatch_f32_bf16(f, op, [&]<typename Tf>() {
+    auto go = [&]<typename Tg>() {
+      nha_gate_forward_kernel<Tf, Tg><<<grid_for(f.numel(), 256), 256, 0, st>>>(
+          static_cast<Tg*>(g.data_ptr()), static_cast<Tg*>(s.data_ptr()),
+          static_cast<const Tf*>(f.data_ptr()), f.numel());
+      CUDA_CHECK_LAUNCH();
+    };
+    if (g.dtype() == DType::F32)
+      go.template operator()<float>();
+    else
+      go.template operator()<Tf>();
+  });
+}
+
+void CudaBackend::nha_gate_backward(Tensor& df, const Tensor& dg, const Tensor& ds,
+                                    const Tensor& f) {
+  const char* op = "nha_gate_backward";
+  const int dev = f.device().index;
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&df, &dg, &ds, &f}) check_cuda_tensor(*t, dev, op, "argument");
+  check_same_shape(df, f, "nha_gate_backward df");
+  check_same_shape(dg, f, "nha_gate_backward dg");
+  check_same_shape(ds, f, "nha_gate_backward ds");
+  NHA_CHECK(df.dtype() == f.dtype()) << op << ": df " << df.str() << " must have f's dtype";
+  NHA_CHECK(dg.dtype() == ds.dtype() && (dg.dtype() == f.dtype() || dg.dtype() == DType::F32))
+      << op << ": dg and ds must share one dtype, f's or f32, got " << dg.str() << ", "
+      << ds.str() << " for f " << f.str();
+  if (f.numel() == 0) return;
+  DeviceGuard guard(dev);
+  cudaStream_t st = current_stream(dev);
+  dispatch_f32_bf16(f, op, [&]<typename Tf>() {
+    auto go = [&]<typename Tg>() {
+      nha_gate_backward_kernel<Tf, Tg><<<grid_for(f.numel(), 256), 256, 0, st>>>(
+          static_cast<Tf*>(df.data_ptr()), static_cast<const Tg*>(dg.data_ptr()),
+          static_cast<const Tg*>(ds.data_ptr()), static_cast<const Tf*>(f.data_ptr()), f.numel());
+      CUDA_CHECK_LAUNCH();
+    };
+    if (dg.dtype() == DType::F32)
+      go.template operator()<float>();
+    else
+      go.template operator()<Tf>();
+  });
+}
+
+}  // namespace nha
