@@ -26,20 +26,6 @@ void on_interrupt(int) {
   std::signal(SIGTERM, SIG_DFL);
 }
 
-// A checkpoint file, or the newest checkpoint of a run directory / checkpoint directory.
-std::string find_checkpoint(const std::string& run_or_ckpt) {
-  NHA_CHECK(fs::exists(run_or_ckpt)) << "'" << run_or_ckpt << "' does not exist. HINT: pass a run "
-                                     << "directory (runs/NAME) or a checkpoint file (.h5)";
-  if (fs::is_regular_file(run_or_ckpt)) return run_or_ckpt;
-  std::string latest = latest_checkpoint(run_or_ckpt);
-  if (latest.empty()) latest = latest_checkpoint((fs::path(run_or_ckpt) / "checkpoints").string());
-  NHA_CHECK(!latest.empty()) << "no checkpoint (step_*.h5) in '" << run_or_ckpt << "' or '"
-                             << (fs::path(run_or_ckpt) / "checkpoints").string()
-                             << "'. HINT: a run writes checkpoints every checkpoint.interval steps "
-                             << "and at the end";
-  return latest;
-}
-
 }  // namespace
 
 void register_train_commands(CLI::App& app) {
@@ -82,7 +68,7 @@ void register_train_commands(CLI::App& app) {
     c->callback([=] {
       NHA_CHECK(*dtype == "bf16" || *dtype == "fp32")
           << "--dtype is '" << *dtype << "'. HINT: use bf16 (half the size) or fp32 (exact)";
-      const std::string ckpt = find_checkpoint(*src);
+      const std::string ckpt = resolve_checkpoint(*src);
       export_parameters(ckpt, *out, *dtype == "bf16" ? DType::BF16 : DType::F32);
       std::cout << "wrote " << *out << " (" << *dtype << ", from " << ckpt << ", "
                 << fs::file_size(*out) / (1024 * 1024) << " MiB)\n";

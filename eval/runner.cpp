@@ -13,29 +13,9 @@ namespace nha::eval {
 
 namespace fs = std::filesystem;
 
-namespace {
-
-// The checkpoint file behind `path`: the file itself, or a run directory's newest checkpoint
-// (RUN/checkpoints, else the checkpoint.dir its config.yaml names).
-std::string checkpoint_file(const std::string& path) {
-  NHA_CHECK(fs::exists(path)) << "'" << path << "' does not exist. HINT: pass a run directory "
-                              << "(runs/NAME), a checkpoint (.h5) or an `nha export` file";
-  if (!fs::is_directory(path)) return path;
-  std::string latest = latest_checkpoint((fs::path(path) / "checkpoints").string());
-  if (latest.empty() && fs::exists(fs::path(path) / "config.yaml")) {
-    const RunConfig cfg = load_config((fs::path(path) / "config.yaml").string());
-    latest = latest_checkpoint(cfg.checkpoint.dir);
-  }
-  NHA_CHECK(!latest.empty()) << "run directory '" << path << "' holds no checkpoint. HINT: train "
-                             << "it first (nha train CONFIG), or pass the .h5 file itself";
-  return latest;
-}
-
-}  // namespace
-
 LoadedModel load_model(const std::string& path, Device device) {
   LoadedModel m;
-  m.checkpoint = checkpoint_file(path);
+  m.checkpoint = resolve_checkpoint(path);
   m.config = parse_config(read_config_yaml(m.checkpoint), m.checkpoint + ":/config");
   const TrainState state = read_train_state(m.checkpoint);
   m.step = state.step;

@@ -118,14 +118,16 @@ class Backend {
                                   int64_t window);
 
   // ---- Native Hybrid Attention core (SPEC-NHA §2, §4) ------------------------------------------
-  // q, k   [B, T, H, D]  raw query/key (memory side: no RoPE)
-  // qr, kr [B, T, H, D]  RoPE'd query/key (window side)
-  // v      [B, T, H, D]  values (read by memory and window alike)
-  // s, g   [B, T, H, M]  slot write strength and log forget gate (g <= 0; the layer passes
-  //                      s = 1 - e^g, the op treats s as an independent input)
-  // out    [B, T, H, D];  lse [B, H, T] (f32; f64 for f64) = log of the joint softmax denominator.
-  // Per (b, h), memory Hk [D, M], Hv [M, D] start at 0. At step t, first write token j = t - window
-  // when j >= 0:  Hk = Hk * e^{g_j}[None,:] + k_j s_j^T;  Hv = Hv * e^{g_j}[:,None] + s_j v_j^T;
+  // q, k   [B, T, H, Dk]  raw query/key (memory side: no RoPE)
+  // qr, kr [B, T, H, Dk]  RoPE'd query/key (window side)
+  // v      [B, T, H, Dv]  values (read by memory and window alike; the layer has Dv = Dk, the
+  //                       golden files and the CPU kernels allow Dv != Dk)
+  // s, g   [B, T, H, M]   slot write strength and log forget gate (g <= 0; the layer passes
+  //                       s = 1 - e^g, the op treats s as an independent input)
+  // out    [B, T, H, Dv];  lse [B, H, T] (f32; f64 for f64) = log of the joint softmax denominator.
+  // Per (b, h), memory Hk [Dk, M], Hv [M, Dv] start at 0. At step t, first write token
+  // j = t - window when j >= 0:
+  //   Hk = Hk * e^{g_j}[None,:] + k_j s_j^T;  Hv = Hv * e^{g_j}[:,None] + s_j v_j^T;
   // then lm_t = scale q_t Hk (M logits), lw_tj = scale qr_t . kr_j for t - window < j <= t,
   // p_t = softmax([lm_t ; lw_t]), out_t = p_t[:M] Hv + sum_j p_t[M + j] v_j.
   // window = 0: no window (a pure gated-slot RNN); window >= T: memory never written (causal

@@ -60,8 +60,10 @@ void memory_write(S* Hk, S* Hv, const S* k, const S* v, const S* s, const S* g, 
                   int64_t Dv, int64_t M) {
   for (int64_t m = 0; m < M; ++m) {
     const double a = std::exp(double(g[m])), sm = double(s[m]);
-    for (int64_t d = 0; d < Dk; ++d) Hk[d * M + m] = S(double(Hk[d * M + m]) * a + double(k[d]) * sm);
-    for (int64_t e = 0; e < Dv; ++e) Hv[m * Dv + e] = S(double(Hv[m * Dv + e]) * a + sm * double(v[e]));
+    for (int64_t d = 0; d < Dk; ++d)
+      Hk[d * M + m] = S(double(Hk[d * M + m]) * a + double(k[d]) * sm);
+    for (int64_t e = 0; e < Dv; ++e)
+      Hv[m * Dv + e] = S(double(Hv[m * Dv + e]) * a + sm * double(v[e]));
   }
 }
 
@@ -70,9 +72,9 @@ void memory_write(S* Hk, S* Hv, const S* k, const S* v, const S* s, const S* g, 
 // With a window: pop token pos - w into the memory (its ring slot is the one the new token
 // takes), push the new token, then read the slots and the ring. Without: write the token first.
 template <typename S>
-void decode_core(NhaDecodeState& st, Tensor& o, const Tensor& q, const Tensor& k,
-                 const Tensor& qr, const Tensor& kr, const Tensor& v, const Tensor& s,
-                 const Tensor& g, int64_t w, double scale) {
+void decode_core(NhaDecodeState& st, Tensor& o, const Tensor& q, const Tensor& k, const Tensor& qr,
+                 const Tensor& kr, const Tensor& v, const Tensor& s, const Tensor& g, int64_t w,
+                 double scale) {
   const int64_t B = q.size(0), H = q.size(2), D = q.size(3), M = s.size(3), cap = st.cap;
   const int64_t t = st.pos;
   const int64_t u0 = w == 0 ? t + 1 : std::max<int64_t>(0, t - w + 1);  // window: u0..t

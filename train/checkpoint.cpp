@@ -595,6 +595,19 @@ std::string latest_checkpoint(const std::string& dir) {
   return all.empty() ? std::string() : all.back().second;
 }
 
+std::string resolve_checkpoint(const std::string& run_or_ckpt) {
+  NHA_CHECK(fs::exists(run_or_ckpt)) << "'" << run_or_ckpt << "' does not exist. HINT: pass a run "
+                                     << "directory (runs/NAME) or a checkpoint file (.h5)";
+  if (fs::is_regular_file(run_or_ckpt)) return run_or_ckpt;
+  std::string latest = latest_checkpoint(run_or_ckpt);
+  if (latest.empty()) latest = latest_checkpoint((fs::path(run_or_ckpt) / "checkpoints").string());
+  NHA_CHECK(!latest.empty()) << "no checkpoint (step_*.h5) in '" << run_or_ckpt << "' or '"
+                             << (fs::path(run_or_ckpt) / "checkpoints").string()
+                             << "'. HINT: a run writes checkpoints every checkpoint.interval steps "
+                             << "and at the end";
+  return latest;
+}
+
 std::vector<std::string> prune_checkpoints(const std::string& dir, int64_t keep_last) {
   auto all = list_checkpoints(dir);
   std::vector<std::string> removed;

@@ -74,6 +74,9 @@ void export_parameters(const std::string& checkpoint_path, const std::string& ou
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& dir);
 // The newest checkpoint of `dir`, or "" when there is none.
 std::string latest_checkpoint(const std::string& dir);
+// The checkpoint a user means by `run_or_ckpt`: the file itself, or the newest checkpoint of a
+// checkpoint directory or of RUN/checkpoints. Fails with a hint when there is none.
+std::string resolve_checkpoint(const std::string& run_or_ckpt);
 // The checkpoint file name of a step: DIR/step_00000100.h5.
 std::string checkpoint_path(const std::string& dir, int64_t step);
 // Deletes all but the newest `keep_last` checkpoints of `dir`; returns the paths removed.

@@ -22,8 +22,8 @@ struct NhaAttendBackward final : Node {
   double scale;
   int64_t window;
   std::vector<Tensor> apply(std::vector<Tensor>&& grads) override {
-    Tensor qv = q.unpack(), kv = k.unpack(), qrv = qr.unpack(), krv = kr.unpack(),
-           vv = v.unpack(), sv = s.unpack(), gv = g.unpack();
+    Tensor qv = q.unpack(), kv = k.unpack(), qrv = qr.unpack(), krv = kr.unpack(), vv = v.unpack(),
+           sv = s.unpack(), gv = g.unpack();
     Tensor dout = grads[0].contiguous();
     Tensor dq = empty_like(qv), dk = empty_like(kv), dqr = empty_like(qrv), dkr = empty_like(krv),
            dv = empty_like(vv), ds = empty_like(sv), dg = empty_like(gv);
@@ -67,8 +67,8 @@ void check_nha_inputs(const Tensor& q, const Tensor& k, const Tensor& qr, const 
   // Gates may stay f32 under bf16 activations (nha_gates makes them so): the decay cumsum needs it.
   NHA_CHECK(g.dtype() == s.dtype() &&
             (s.dtype() == q.dtype() || (q.dtype() == DType::BF16 && s.dtype() == DType::F32)))
-      << "nha_attend: s, g must have q's dtype (or f32 when q is bf16), got q " << q.str()
-      << ", s " << s.str() << ", g " << g.str() << ". HINT: make s, g with nha_gates";
+      << "nha_attend: s, g must have q's dtype (or f32 when q is bf16), got q " << q.str() << ", s "
+      << s.str() << ", g " << g.str() << ". HINT: make s, g with nha_gates";
   NHA_CHECK(window >= 0) << "nha_attend: window must be >= 0, got " << window
                          << ". HINT: 0 = no window (pure memory); >= T = full attention";
   ops_detail::check_same_device({q, k, qr, kr, v, s, g}, "nha_attend");
@@ -97,7 +97,7 @@ Tensor nha_attend(const Tensor& q, const Tensor& k, const Tensor& qr, const Tens
   if (scale <= 0) scale = 1.0 / std::sqrt(double(q.size(3)));
   Tensor in[7] = {q, k, qr, kr, v, s, g};
   for (Tensor& t : in) t = t.contiguous().detach();
-  Tensor out = Tensor::empty(v.shape(), v.dtype(), v.device());  // [B, T, H, Dv]
+  Tensor out = Tensor::empty(v.shape(), v.dtype(), v.device());                   // [B, T, H, Dv]
   Tensor lse = Tensor::empty({B, H, T}, ops_detail::stats_dtype(q), q.device());  // [B, H, T]
   backend_for(in[0]).nha_forward(out, lse, in[0], in[1], in[2], in[3], in[4], in[5], in[6], scale,
                                  window);

@@ -70,7 +70,8 @@ struct HeadData {
   std::vector<double> s, g;          // [T, M] each
 };
 
-// Copies rows (b, 0..T-1, h, :) of a [B, T, H, X] tensor into dst [T, X] (or back with `to_tensor`).
+// gather_rows copies rows (b, 0..T-1, h, :) of a [B, T, H, X] tensor into dst [T, X] as double;
+// scatter_rows writes such rows back in the tensor's dtype.
 template <typename S>
 void gather_rows(std::vector<double>& dst, const Tensor& t, int64_t b, int64_t h) {
   const int64_t T = t.size(1), H = t.size(2), X = t.size(3);
@@ -89,8 +90,8 @@ void scatter_rows(Tensor& t, const std::vector<double>& src, int64_t b, int64_t 
 
 template <typename S>
 HeadData gather_head(const NhaDims& d, const Tensor& q, const Tensor& k, const Tensor& qr,
-                     const Tensor& kr, const Tensor& v, const Tensor& s, const Tensor& g,
-                     int64_t b, int64_t h) {
+                     const Tensor& kr, const Tensor& v, const Tensor& s, const Tensor& g, int64_t b,
+                     int64_t h) {
   HeadData x{d.T, d.Dk, d.Dv, d.M, {}, {}, {}, {}, {}, {}, {}};
   gather_rows<S>(x.q, q, b, h);
   gather_rows<S>(x.k, k, b, h);
@@ -147,7 +148,8 @@ struct ChunkDecay {
     D.resize(size_t(n * n * M));
     for (int64_t i = j0; i < n; ++i)
       for (int64_t j = j0; j <= i; ++j)
-        for (int64_t s = 0; s < M; ++s) D[(i * n + j) * M + s] = std::exp(B[i * M + s] - B[j * M + s]);
+        for (int64_t s = 0; s < M; ++s)
+          D[(i * n + j) * M + s] = std::exp(B[i * M + s] - B[j * M + s]);
   }
 };
 
@@ -296,8 +298,8 @@ HeadGrads backward_head(const HeadData& x, const std::vector<double>& dO,
   }
 
   std::vector<double> dHk(size_t(Dk * M), 0.0), dHv(size_t(M * Dv), 0.0), dGsum(size_t(M), 0.0);
-  std::vector<double> A, dA, OV;                 // [n, n]: A_ij, dA_ij, dO_i . V'_j
-  std::vector<double> lm, pm, dpm, dlm, dSp;     // [n, M]
+  std::vector<double> A, dA, OV;              // [n, n]: A_ij, dA_ij, dO_i . V'_j
+  std::vector<double> lm, pm, dpm, dlm, dSp;  // [n, M]
   std::vector<double> pw(size_t(std::min(w, T))), dpw(pw.size());  // one row's window: p, dO.v
   ChunkDecay c;
   for (int64_t n = n_chunks - 1; n >= 0; --n) {
@@ -349,7 +351,8 @@ HeadGrads backward_head(const HeadData& x, const std::vector<double>& dO,
           gr.dkr[u * Dk + d] += scale * dlw * qri[d];
         }
       }
-      // (d) dA_ij = sum_s dlm_i S'_j D_ij;  dq_i = scale (dlm_i ⊙ e^{B_i}) Hk_n^T + scale sum_j dA_ij K'_j
+      // (d) dA_ij = sum_s dlm_i S'_j D_ij;
+      //     dq_i = scale (dlm_i ⊙ e^{B_i}) Hk_n^T + scale sum_j dA_ij K'_j
       double* dqi = gr.dq.data() + t * Dk;
       for (int64_t d = 0; d < Dk; ++d) {
         double acc = 0;

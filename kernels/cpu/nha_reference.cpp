@@ -13,12 +13,15 @@ std::pair<Tensor, Tensor> nha_recurrent_forward(const Tensor& q, const Tensor& k
       << "nha_recurrent_forward: wants [B, T, H, D] inputs, got " << q.str();
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3), Dv = v.size(3),
                 M = s.size(3);
-  // Host copies in double; element (b, t, h, x) of a [B, T, H, X] tensor at ((b*T + t)*H + h)*X + x.
+  // Host copies in double; element (b, t, h, x) of a [B, T, H, X] tensor is at
+  // ((b*T + t)*H + h)*X + x.
   const std::vector<double> Q = q.to_vector<double>(), K = k.to_vector<double>(),
                             QR = qr.to_vector<double>(), KR = kr.to_vector<double>(),
                             V = v.to_vector<double>(), S = s.to_vector<double>(),
                             G = g.to_vector<double>();
-  auto at = [&](int64_t b, int64_t t, int64_t h, int64_t X) { return size_t(((b * T + t) * H + h) * X); };
+  auto at = [&](int64_t b, int64_t t, int64_t h, int64_t X) {
+    return size_t(((b * T + t) * H + h) * X);
+  };
   std::vector<double> out(size_t(B * T * H * Dv), 0.0), lse(size_t(B * H * T));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
@@ -50,7 +53,8 @@ std::pair<Tensor, Tensor> nha_recurrent_forward(const Tensor& q, const Tensor& k
         for (int64_t m = 0; m < M; ++m)
           for (int64_t e = 0; e < Dv; ++e) o[e] += std::exp(z[m] - l) * Hv[m * Dv + e];
         for (int64_t u = u0; u <= t; ++u)
-          for (int64_t e = 0; e < Dv; ++e) o[e] += std::exp(z[M + u - u0] - l) * V[at(b, u, h, Dv) + e];
+          for (int64_t e = 0; e < Dv; ++e)
+            o[e] += std::exp(z[M + u - u0] - l) * V[at(b, u, h, Dv) + e];
       }
     }
   return {Tensor::from_vector<double>(out, {B, T, H, Dv}),

@@ -167,10 +167,51 @@ TEST(Nha, ChunkedMatchesRecurrence) {
       for (int64_t w : {int64_t(0), int64_t(1), int64_t(5), int64_t(64), int64_t(100), T + 3}) {
         const NhaInputs x = random_inputs(2, T, 2, 4, 3, M, seed += 10);
         auto [out, lse] = kernel_forward(x, w, 0.4);
-        auto [ref_out, ref_lse] = nha_recurrent_forward(x.q, x.k, x.qr, x.kr, x.v, x.s, x.g, 0.4, w);
+        auto [ref_out, ref_lse] =
+            nha_recurrent_forward(x.q, x.k, x.qr, x.kr, x.v, x.s, x.g, 0.4, w);
         EXPECT_LT(rel_rms(out, ref_out), 1e-12) << "T=" << T << " w=" << w << " M=" << M;
         EXPECT_LT(rel_rms(lse, ref_lse), 1e-12) << "T=" << T << " w=" << w << " M=" << M;
       }
+}
+
+// Decays from a = 1 (g -> 0) to a ~ e^-100 per step: the chunk's cumulative decay underflows, but
+// every exponent is <= 0, so the kernels stay finite and exact.
+TEST(Nha, ExtremeGatesStayFinite) {
+  NhaInputs x = random_inputs(1, 130, 2, 4, 4, 5, 7000);
+  {
+    autograd::NoGradGuard no_grad;
+    x.g = nha_gates(randn(x.g.shape(), 7001, DType::F64, 400.0)).first;
+  }
+  for (int64_t w : {0, 5}) {
+    auto [out, lse] = kernel_forward(x, w, 0.5);
+    auto [ref_out, ref_lse] = nha_recurrent_forward(x.q, x.k, x.qr, x.kr, x.v, x.s, x.g, 0.5, w);
+    EXPECT_LT(rel_rms(out, ref_out), 1e-12) << "w=" << w;
+    std::vector<Tensor> in = x.all();
+    for (Tensor& t : in) t.set_requires_grad(true);
+    nha_attend(in[0], in[1], in[2], in[3], in[4], in[5], in[6], w)
+        .backward(randn(out.shape(), 7002));
+    for (const Tensor& t : in)
+      for (double e : t.grad().to_vector<double>()) ASSERT_TRUE(std::isfinite(e)) << "w=" << w;
+  }
+}
+
+// The backward kernel overwrites every output (poisoned with NaN first). With w >= T the memory is
+// never written, so q, k, s, g get exactly zero gradient.
+TEST(Nha, BackwardKernelOverwritesOutputs) {
+  const NhaInputs x = random_inputs(2, 9, 2, 4, 3, 3, 8000);
+  const Tensor dout = randn(x.v.shape(), 8001);
+  for (int64_t w : {0, 4, 9}) {
+    auto [out, lse] = kernel_forward(x, w, 0.5);
+    std::vector<Tensor> d;
+    for (const Tensor& t : x.all()) d.push_back(Tensor::full(t.shape(), std::nan(""), DType::F64));
+    backend_for(x.q).nha_backward(d[0], d[1], d[2], d[3], d[4], d[5], d[6], dout, x.q, x.k, x.qr,
+                                  x.kr, x.v, x.s, x.g, out, lse, 0.5, w);
+    for (const Tensor& t : d)
+      for (double e : t.to_vector<double>()) ASSERT_TRUE(std::isfinite(e)) << "w=" << w;
+    if (w == 9)
+      for (int i : {0, 1, 5, 6})
+        for (double e : d[i].to_vector<double>()) EXPECT_EQ(e, 0.0) << "grad " << i;
+  }
 }
 
 // f32 kernels against the f64 kernels on the same (f32-representable) inputs, forward and backward.
@@ -196,7 +237,7 @@ TEST(Nha, F32MatchesF64) {
   }
 }
 
-// ---- gradients ------------------------------------------------------------------------------------
+// ---- gradients ----------------------------------------------------------------------------------
 
 TEST(Nha, GradcheckF64AllInputs) {
   uint64_t seed = 2000;
@@ -254,7 +295,8 @@ TEST(Nha, GatesMatchFormulaAndGradcheck) {
   auto [g, s] = nha_gates(Tensor::from_vector<double>(fs, {int64_t(fs.size())}));
   const std::vector<double> gv = g.to_vector<double>(), sv = s.to_vector<double>();
   for (size_t i = 0; i < fs.size(); ++i) {
-    const double ref = fs[i] > 0 ? -std::log1p(std::exp(-fs[i])) / 8 : (fs[i] - std::log1p(std::exp(fs[i]))) / 8;
+    const double ref =
+        fs[i] > 0 ? -std::log1p(std::exp(-fs[i])) / 8 : (fs[i] - std::log1p(std::exp(fs[i]))) / 8;
     EXPECT_NEAR(gv[i], ref, 1e-15 * std::max(1.0, std::abs(ref))) << "f=" << fs[i];
     EXPECT_NEAR(sv[i], -std::expm1(ref), 1e-15) << "f=" << fs[i];
     EXPECT_LE(gv[i], 0.0);
@@ -271,7 +313,7 @@ TEST(Nha, GatesMatchFormulaAndGradcheck) {
       {f}));
 }
 
-// ---- the two limits -------------------------------------------------------------------------------
+// ---- the two limits -----------------------------------------------------------------------------
 
 // window 0 is a pure gated-slot RNN, written here from SPEC-NHA §2 with the token written first:
 //   Hk = Hk a_t + k_t s_t^T,  Hv = Hv a_t + s_t v_t^T,  o_t = softmax(scale q_t Hk) Hv.
@@ -290,8 +332,10 @@ TEST(Nha, WindowZeroIsGatedSlotRnn) {
       std::vector<double> p(M, 0.0);
       double z = 0;
       for (int64_t m = 0; m < M; ++m) {
-        for (int64_t d = 0; d < Dk; ++d) Hk[d * M + m] = Hk[d * M + m] * std::exp(g[rm + m]) + k[rk + d] * s[rm + m];
-        for (int64_t e = 0; e < Dv; ++e) Hv[m * Dv + e] = Hv[m * Dv + e] * std::exp(g[rm + m]) + s[rm + m] * v[rv + e];
+        for (int64_t d = 0; d < Dk; ++d)
+          Hk[d * M + m] = Hk[d * M + m] * std::exp(g[rm + m]) + k[rk + d] * s[rm + m];
+        for (int64_t e = 0; e < Dv; ++e)
+          Hv[m * Dv + e] = Hv[m * Dv + e] * std::exp(g[rm + m]) + s[rm + m] * v[rv + e];
         for (int64_t d = 0; d < Dk; ++d) p[m] += scale * q[rk + d] * Hk[d * M + m];
         z += (p[m] = std::exp(p[m]));  // logits are small: no max shift needed
       }
@@ -318,7 +362,8 @@ TEST(Nha, WindowAtLeastTIsAttentionPlusNullSlots) {
     for (int64_t t = 0; t < T; ++t)
       for (int64_t h = 0; h < H; ++h) {
         const double e = std::exp(l[(b * H + h) * T + t]), r = e / (e + double(M));
-        for (int64_t d = 0; d < D; ++d) ref[((b * T + t) * H + h) * D + d] = a[((b * T + t) * H + h) * D + d] * r;
+        for (int64_t d = 0; d < D; ++d)
+          ref[((b * T + t) * H + h) * D + d] = a[((b * T + t) * H + h) * D + d] * r;
       }
   const Tensor expected = Tensor::from_vector<double>(ref, x.v.shape());
   for (int64_t w : {T, T + 1, int64_t(1) << 40})
@@ -353,7 +398,7 @@ TEST(Nha, BadInputsFailClearly) {
   EXPECT_THROW(nha_gates(Tensor::zeros({3}, DType::I32)), Error);
 }
 
-// ---- the layer ------------------------------------------------------------------------------------
+// ---- the layer ----------------------------------------------------------------------------------
 
 TEST(NhaMixer, ParameterNamesAndShapes) {
   ModelConfig c = layer_config(8, 2);
@@ -364,7 +409,8 @@ TEST(NhaMixer, ParameterNamesAndShapes) {
   LanguageModel model(c, 1);
   std::vector<std::string> names;
   for (const auto& p : model.named_parameters())
-    if (p.name.rfind("layers.0.mixer.", 0) == 0) names.push_back(p.name + " " + shape_str(p.tensor.shape()));
+    if (p.name.rfind("layers.0.mixer.", 0) == 0)
+      names.push_back(p.name + " " + shape_str(p.tensor.shape()));
   const std::vector<std::string> expected = {
       "layers.0.mixer.wq.weight [8, 8]", "layers.0.mixer.wk.weight [8, 8]",
       "layers.0.mixer.wv.weight [8, 8]", "layers.0.mixer.wf.weight [6, 8]",
@@ -397,11 +443,13 @@ TEST(NhaMixer, DecodeMatchesForward) {
     const Tensor y = mixer->forward(x);
     NhaDecodeState st = mixer->decode_state(B, T);
     std::vector<Tensor> rows;
-    for (int64_t t = 0; t < T; ++t) rows.push_back(mixer->step(x.slice(1, t, t + 1).contiguous(), st));
+    for (int64_t t = 0; t < T; ++t)
+      rows.push_back(mixer->step(x.slice(1, t, t + 1).contiguous(), st));
     EXPECT_EQ(st.pos, T);
     EXPECT_EQ(st.cap, std::min(w, T));
     for (int64_t t = 0; t < T; ++t)
-      EXPECT_LT(rel_rms(rows[t], y.slice(1, t, t + 1).contiguous()), 1e-12) << "w=" << w << " t=" << t;
+      EXPECT_LT(rel_rms(rows[t], y.slice(1, t, t + 1).contiguous()), 1e-12)
+          << "w=" << w << " t=" << t;
   }
   // A window larger than max_len: the ring holds max_len tokens and refuses one more.
   auto mixer = make_nha(d, 2, 50, 4);
@@ -412,7 +460,7 @@ TEST(NhaMixer, DecodeMatchesForward) {
   EXPECT_THROW(mixer->step(x, st), Error);
 }
 
-// ---- models with mixed layers ---------------------------------------------------------------------
+// ---- models with mixed layers -------------------------------------------------------------------
 
 TEST(NhaModel, MixedLayersTrainStepF32MatchesF64) {
   ModelConfig c = layer_config(16, 2);
@@ -422,7 +470,8 @@ TEST(NhaModel, MixedLayersTrainStepF32MatchesF64) {
   c.mixers = {MixerConfig{MixerType::NHA, 4, 3}, MixerConfig{MixerType::Attention, 0, 0},
               MixerConfig{MixerType::GSA, 0, 5}};
   const Tensor ids = Tensor::from_vector<int32_t>({1, 5, 2, 9, 3, 7, 0, 4, 10, 6, 8, 2}, {2, 6});
-  const Tensor targets = Tensor::from_vector<int32_t>({5, 2, 9, 3, 7, -100, 4, 10, 6, 8, 2, 1}, {2, 6});
+  const Tensor targets =
+      Tensor::from_vector<int32_t>({5, 2, 9, 3, 7, -100, 4, 10, 6, 8, 2, 1}, {2, 6});
   std::vector<double> loss;
   std::vector<std::vector<Tensor>> grads;
   for (DType dt : {DType::F32, DType::F64}) {
@@ -439,7 +488,8 @@ TEST(NhaModel, MixedLayersTrainStepF32MatchesF64) {
   }
   EXPECT_TRUE(std::isfinite(loss[0]));
   EXPECT_NEAR(loss[0], loss[1], 1e-5 * loss[1]);
-  for (size_t i = 0; i < grads[0].size(); ++i) EXPECT_LT(rel_rms(grads[0][i], grads[1][i]), 1e-4) << i;
+  for (size_t i = 0; i < grads[0].size(); ++i)
+    EXPECT_LT(rel_rms(grads[0][i], grads[1][i]), 1e-4) << i;
 }
 
 }  // namespace
