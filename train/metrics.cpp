@@ -55,6 +55,10 @@ MemoryUsage memory_usage(Device device) {
   return u;
 }
 
+void reset_memory_peak(Device device) {
+  if (device.is_cuda()) allocator_for(DeviceKind::CUDA).reset_peak();
+}
+
 std::string format_count(double n) {
   char buf[32];
   const double a = std::fabs(n);

@@ -24,14 +24,17 @@ inline constexpr double kGpuPeakFlops = 989e12;  // H100/H200 SXM dense bf16
 double mixer_span(const MixerConfig& mixer, int64_t seq_len);
 double flops_per_token(const ModelConfig& model, int64_t seq_len, int64_t matmul_params);
 
-// Memory in use on `device`: the CUDA caching allocator's bytes in use and peak, or on the CPU the
-// process's resident set (VmRSS) and its peak (VmHWM).
+// Memory on `device`: on a GPU the CUDA caching allocator's bytes handed to tensors now and their
+// high-water mark since the last reset_memory_peak() (activations of the forward/backward
+// included; comparable with torch.cuda.max_memory_allocated); on the CPU the process's resident
+// set (VmRSS) and its lifetime peak (VmHWM).
 struct MemoryUsage {
   int64_t bytes = 0;
   int64_t peak = 0;
   const char* source = "rss";  // "cuda" or "rss"
 };
 MemoryUsage memory_usage(Device device);
+void reset_memory_peak(Device device);  // CUDA: start a new high-water mark; CPU: nothing
 
 // "1.23M", "45.6k", "512" ; "1h02m", "3m05s", "12s" ; "1.5 GiB", "300 MiB"
 std::string format_count(double n);

@@ -493,19 +493,21 @@ void Trainer::train(int64_t until_step) {
       char line[512];
       std::snprintf(line, sizeof(line),
                     "step %6lld/%lld | loss %.4f | lr %.3e | gnorm %.3f | %s tok/s | mfu %s | "
-                    "mem %s (%s) | eta %s",
+                    "mem %s peak %s (%s) | eta %s",
                     (long long)step_, (long long)total, loss, lr_at(t, step_ - 1), norm,
                     format_count(tps).c_str(), mfu >= 0 ? fmt("%.1f%%", 100 * mfu).c_str() : "n/a",
-                    format_bytes(double(mem.bytes)).c_str(), mem.source,
-                    format_duration(eta).c_str());
+                    format_bytes(double(mem.bytes)).c_str(), format_bytes(double(mem.peak)).c_str(),
+                    mem.source, format_duration(eta).c_str());
       log_line(line);
       nlohmann::json rec = {{"type", "train"},      {"step", step_},
                             {"tokens", tokens_seen_}, {"loss", n_ok > 0 ? nlohmann::json(loss) : nlohmann::json(nullptr)},
                             {"lr", lr_at(t, step_ - 1)}, {"grad_norm", n_ok > 0 ? nlohmann::json(norm) : nlohmann::json(nullptr)},
                             {"tokens_per_s", tps},  {"mem_bytes", mem.bytes},
+                            {"mem_peak_bytes", mem.peak},
                             {"steps", n},           {"skipped", n - n_ok}};
       if (mfu >= 0) rec["mfu"] = mfu;
       metrics_.write(rec);
+      reset_memory_peak(device_);  // the next line's peak is that interval's
       loss_sum = time_sum = norm_sum = 0;
       n = n_ok = tokens = 0;
     }
