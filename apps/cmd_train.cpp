@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
+#include "train/distributed.h"
 #include "train/plot.h"
 #include "train/trainer.h"
 
@@ -29,29 +30,58 @@ void on_interrupt(int) {
 }  // namespace
 
 void register_train_commands(CLI::App& app) {
-  // nha train CONFIG [--set key=value ...] [--resume]
+  // nha train CONFIG [--set key=value ...] [--resume] [--gpus N]
   {
     auto config = std::make_shared<std::string>();
     auto sets = std::make_shared<std::vector<std::string>>();
     auto resume = std::make_shared<bool>(false);
     auto quiet = std::make_shared<bool>(false);
+    auto gpus = std::make_shared<int>(1);
     CLI::App* c = app.add_subcommand("train", "train a model from a YAML run config");
     c->add_option("config", *config, "run config (configs/*.yaml)")->required();
     c->add_option("--set", *sets, "override a key: --set train.lr=1e-3 (repeatable)");
     c->add_flag("--resume", *resume,
                 "continue from the newest checkpoint in checkpoint.dir (bitwise identical)");
     c->add_flag("--quiet", *quiet, "no progress lines (metrics.jsonl is still written)");
+    c->add_option("--gpus", *gpus,
+                  "data parallel on N GPUs of this machine: starts N processes (docs/distributed.md)")
+        ->capture_default_str();
     c->callback([=] {
       RunConfig cfg = load_config(*config, *sets);
+      const dist::LaunchInfo launch = dist::launch_info_from_env();
+      if (launch.launcher != dist::Launcher::Gpus) {
+        // Not a rank started by --gpus: maybe the parent that starts them.
+        dist::check_gpus_request(*gpus, cuda_device_count(), launch);
+        if (*gpus > 1) {
+          dist::run_local_ranks(*gpus, cfg.logging.run_dir);  // rank 0 prints the "done" line
+          return;
+        }
+      } else {
+        NHA_CHECK(launch.world_size == *gpus)
+            << dist::kEnvWorldSize << "=" << launch.world_size << " but --gpus " << *gpus
+            << ". HINT: NHA_RANK and friends are set by `nha train --gpus N`; unset them";
+      }
       TrainerOptions o;
       o.resume = *resume;
       o.log = *quiet ? nullptr : &std::cout;
       o.stop_flag = &g_stop;
       std::signal(SIGINT, on_interrupt);
       std::signal(SIGTERM, on_interrupt);
-      Trainer trainer(cfg, o);
-      trainer.train();
-      std::cout << "done: " << trainer.step() << " steps, run dir " << trainer.run_dir() << "\n";
+      try {
+        // Declared before the trainer, so it is destroyed after it (also when an error unwinds).
+        std::unique_ptr<dist::ProcessGroup> group;
+        if (launch.distributed()) group = dist::join_process_group(launch, cfg.train.dist_timeout_s);
+        o.group = group.get();
+        Trainer trainer(cfg, o);
+        trainer.train();
+        if (launch.rank == 0)
+          std::cout << "done: " << trainer.step() << " steps, run dir " << trainer.run_dir() << "\n";
+      } catch (const Error& e) {
+        if (!launch.distributed()) throw;
+        // Name the rank: every rank prints its own error, and the launcher reports the first.
+        throw Error("rank " + std::to_string(launch.rank) + " of " +
+                    std::to_string(launch.world_size) + ": " + e.what());
+      }
     });
   }
 

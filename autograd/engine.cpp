@@ -6,6 +6,8 @@
 //    twice, like a residual or tied embedding, gets the sum of both contributions).
 //    Among ready nodes the most recently created runs first (PyTorch's order on the CPU).
 // 3. Undefined output gradients become zeros of the recorded shape before a node runs.
+// A leaf's AccumulateGrad therefore runs once per backward, with the leaf's summed gradient: the
+// moment the gradient-ready hook (node.h) reports it to data-parallel training.
 #include <queue>
 #include <unordered_map>
 

@@ -7,6 +7,7 @@ namespace nha::autograd {
 namespace {
 std::atomic<uint64_t> next_sequence_nr{0};
 thread_local bool grad_mode = true;
+thread_local GradReadyHook grad_ready_hook;  // empty: no hook (the usual case)
 }  // namespace
 
 Node::Node() : sequence_nr(next_sequence_nr++) {}
@@ -41,8 +42,14 @@ std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
   } else {
     g.add_(grads[0]);
   }
+  if (grad_ready_hook) grad_ready_hook(Tensor(leaf));
   return {};
 }
+
+GradReadyHookGuard::GradReadyHookGuard(GradReadyHook hook) : previous_(std::move(grad_ready_hook)) {
+  grad_ready_hook = std::move(hook);
+}
+GradReadyHookGuard::~GradReadyHookGuard() { grad_ready_hook = std::move(previous_); }
 
 // ---- grad mode ----------------------------------------------------------------------------------
 

@@ -81,6 +81,26 @@ class AccumulateGrad final : public Node {
   std::weak_ptr<TensorImpl> leaf_;
 };
 
+// ---- gradient-ready hook ------------------------------------------------------------------------
+// Called by a leaf's AccumulateGrad right after it has added this backward pass's gradient into
+// leaf.grad(). The engine runs that node once per backward, after every contribution to the leaf
+// was summed, so at this point the leaf's gradient is final for this backward. Data-parallel
+// training uses it to start reducing a gradient bucket while the rest of the backward still runs
+// (train/distributed.h).
+using GradReadyHook = std::function<void(const Tensor& leaf)>;
+// Installs `hook` for the backward passes run on this thread in its scope; restores the previous
+// hook (usually none) when it ends.
+class GradReadyHookGuard {
+ public:
+  explicit GradReadyHookGuard(GradReadyHook hook);
+  ~GradReadyHookGuard();
+  GradReadyHookGuard(const GradReadyHookGuard&) = delete;
+  GradReadyHookGuard& operator=(const GradReadyHookGuard&) = delete;
+
+ private:
+  GradReadyHook previous_;
+};
+
 // ---- grad mode ----------------------------------------------------------------------------------
 bool grad_mode_enabled();
 // Disables graph recording in its scope (evaluation, optimizer steps, in-place parameter init).

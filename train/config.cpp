@@ -175,6 +175,8 @@ void read_train(Section s, TrainConfig& t, const std::string& source) {
   s.get("seed", t.seed);
   get_count(s, "max_bad_steps", t.max_bad_steps);
   s.get("spike_factor", t.spike_factor);
+  s.get("dist_timeout_s", t.dist_timeout_s);
+  s.get("dist_bucket_mb", t.dist_bucket_mb);
   s.finish();
 }
 
@@ -216,6 +218,16 @@ const char* schedule_name(Schedule s) {
 
 int64_t TrainConfig::accumulation_steps(int64_t world_size) const {
   return global_batch_tokens / (tokens_per_micro_step() * world_size);
+}
+
+void TrainConfig::check_world_size(int64_t world_size, const std::string& source) const {
+  const int64_t unit = tokens_per_micro_step() * world_size;  // one micro-batch on every rank
+  NHA_CHECK(global_batch_tokens % unit == 0)
+      << source << ": train.global_batch_tokens (" << global_batch_tokens << ") must be a multiple of "
+      << "micro_batch x seq_len x GPUs (" << micro_batch << " x " << seq_len << " x " << world_size
+      << " = " << unit << ") so that every rank runs the same number of whole micro-batches. HINT: "
+      << "--set train.global_batch_tokens=" << std::max<int64_t>(unit, global_batch_tokens / unit * unit)
+      << " or a smaller train.micro_batch";
 }
 
 int64_t TrainConfig::total_steps() const {
@@ -310,6 +322,12 @@ void RunConfig::validate() const {
       << source << ": train.beta1/beta2 must be in [0, 1)";
   NHA_CHECK(t.eps > 0) << source << ": train.eps must be positive";
   NHA_CHECK(t.weight_decay >= 0) << source << ": train.weight_decay must be >= 0";
+  NHA_CHECK(t.dist_timeout_s > 0)
+      << source << ": train.dist_timeout_s must be positive, got " << t.dist_timeout_s
+      << ". HINT: the default 600 s covers checkpoint writes on rank 0";
+  NHA_CHECK(t.dist_bucket_mb > 0)
+      << source << ": train.dist_bucket_mb must be positive, got " << t.dist_bucket_mb
+      << ". HINT: 25 (PyTorch DDP's default) overlaps well";
   NHA_CHECK(t.precision == "auto" || t.precision == "bf16" || t.precision == "fp32")
       << source << ": train.precision is '" << t.precision << "'. HINT: use auto, bf16 or fp32";
   if (t.device != "auto") (void)Device::parse(t.device);
@@ -369,6 +387,8 @@ std::string to_yaml(const RunConfig& c) {
   e << YAML::Key << "seed" << YAML::Value << t.seed;
   e << YAML::Key << "max_bad_steps" << YAML::Value << t.max_bad_steps;
   e << YAML::Key << "spike_factor" << YAML::Value << t.spike_factor;
+  e << YAML::Key << "dist_timeout_s" << YAML::Value << t.dist_timeout_s;
+  e << YAML::Key << "dist_bucket_mb" << YAML::Value << t.dist_bucket_mb;
   e << YAML::EndMap;
 
   e << YAML::Key << "data" << YAML::Value << YAML::BeginMap;

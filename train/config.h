@@ -35,9 +35,17 @@ struct TrainConfig {
   uint64_t seed = 0;
   int64_t max_bad_steps = 5;  // NaN/inf or spiking loss: skip; stop after this many in a row
   double spike_factor = 0.0;  // skip a step whose loss exceeds factor x running mean (0: off)
+  // Data parallel (docs/distributed.md): a collective that has not completed after this many
+  // seconds aborts the job (a rank died or hangs); gradients are all-reduced in buckets of about
+  // this many MiB.
+  double dist_timeout_s = 600;
+  double dist_bucket_mb = 25;
 
   int64_t tokens_per_micro_step() const { return micro_batch * seq_len; }
   int64_t accumulation_steps(int64_t world_size) const;
+  // Refuses a global batch that `world_size` data-parallel ranks cannot split into whole
+  // micro-batches (names `source` and gives the nearest batch sizes that work).
+  void check_world_size(int64_t world_size, const std::string& source) const;
   int64_t total_steps() const;
 };
 

@@ -10,6 +10,7 @@
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 
 #include "autograd/node.h"
@@ -144,7 +145,17 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
     : config_(std::move(config)), options_(std::move(options)), rng_(config_.train.seed) {
   const TrainConfig& t = config_.train;
   const std::string& src = config_.source;
-  device_ = resolve_device(t.device);
+  group_ = options_.group;
+  if (group_) {
+    world_ = group_->world_size();
+    rank_ = group_->rank();
+    NHA_CHECK(t.device == "auto" || t.device == "cuda")
+        << src << ": train.device is '" << t.device << "' but each data-parallel rank trains on "
+        << "its own GPU (cuda:<local rank>). HINT: --set train.device=auto";
+    device_ = group_->device();
+  } else {
+    device_ = resolve_device(t.device);
+  }
   const std::string precision =
       t.precision == "auto" ? (device_.is_cuda() ? "bf16" : "fp32") : t.precision;
   NHA_CHECK(!(precision == "bf16" && device_.is_cpu()))
@@ -167,6 +178,7 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
     entries.push_back({p.name, p.tensor, p.kind == ParamKind::Weight || t.decay_norms_and_embeddings});
   optimizer_ = std::make_unique<AdamW>(
       entries, AdamWOptions{t.lr, t.beta1, t.beta2, t.eps, t.weight_decay});
+  if (group_) reducer_ = group_->grad_reducer(param_tensors_, int64_t(t.dist_bucket_mb * (1 << 20)));
 
   // Resume or start fresh.
   const std::string latest = latest_checkpoint(config_.checkpoint.dir);
@@ -182,7 +194,7 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
         << "--set logging.run_dir=runs/NEW (or delete " << config_.checkpoint.dir << ")";
   }
 
-  if (options_.write_run_files) {
+  if (options_.write_run_files && rank_ == 0) {
     fs::create_directories(config_.logging.run_dir);
     const std::string cfg_path = (fs::path(config_.logging.run_dir) / "config.yaml").string();
     std::ofstream out(cfg_path, std::ios::trunc);
@@ -211,6 +223,7 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   s.str("");
   s << "batch: " << t.global_batch_tokens << " tokens/step = " << t.global_batch_tokens / t.seq_len
     << " x " << t.seq_len << " (micro-batch " << t.micro_batch << ", accumulation " << accumulation_
+    << (world_ > 1 ? " per rank x " + std::to_string(world_) + " ranks" : std::string())
     << "); " << total_steps() << " steps = " << format_count(double(total_steps() * t.global_batch_tokens))
     << " tokens; lr " << t.lr << " " << schedule_name(t.schedule) << ", warmup " << t.warmup_steps;
   log_line(s.str());
@@ -218,22 +231,26 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   s << "flops/token " << format_count(flops_per_token_) << "; run dir " << config_.logging.run_dir;
   if (step_ > 0) s << "; resumed at step " << step_ << " (" << format_count(double(tokens_seen_)) << " tokens)";
   log_line(s.str());
+  if (group_) log_line("data parallel: " + group_->summary() + "; " + reducer_->summary());
 }
 
 Trainer::~Trainer() = default;
 
 void Trainer::log_line(const std::string& line) {
-  if (options_.log) (*options_.log) << line << std::endl;
+  if (options_.log && rank_ == 0) (*options_.log) << line << std::endl;
 }
 
 void Trainer::setup_data() {
   const TrainConfig& t = config_.train;
   const DataConfig& d = config_.data;
   const std::string& src = config_.source;
-  const int64_t windows = t.global_batch_tokens / t.seq_len;  // one rank: the whole global batch
+  // The global batch; each rank reads its own rows of it (data/loader.h).
+  const int64_t windows = t.global_batch_tokens / t.seq_len;
+  t.check_world_size(world_, src);
   if (d.type == "mqar") {
     const std::string preset = d.mqar_preset.empty() ? "train" : d.mqar_preset;
-    auto ds = std::make_unique<data::MqarDataset>(data::mqar_preset(preset), windows, 1, 0, true);
+    auto ds = std::make_unique<data::MqarDataset>(data::mqar_preset(preset), windows, world_, rank_,
+                                                  true);
     NHA_CHECK(ds->seq_len() == t.seq_len)
         << src << ": data.mqar_preset '" << preset << "' has examples of up to " << ds->seq_len()
         << " tokens but train.seq_len is " << t.seq_len << ". HINT: --set train.seq_len="
@@ -257,6 +274,8 @@ void Trainer::setup_data() {
     data::LoaderOptions lo;
     lo.seq_len = t.seq_len;
     lo.global_batch = windows;
+    lo.world_size = world_;
+    lo.rank = rank_;
     lo.seed = t.seed;
     lo.mode = data::sample_mode_from_name(d.sampling);
     train_source_ = std::make_unique<data::TrainLoader>(shards, lo);
@@ -295,19 +314,38 @@ double Trainer::forward_backward(const data::Batch& batch, int64_t step) {
     if (options_.loss_hook) loss = options_.loss_hook(step, i, loss);
     Tensor detached = loss.detach();
     loss_sum = loss_sum.defined() ? add(loss_sum, detached) : detached.clone();
+    std::optional<autograd::GradReadyHookGuard> hook;
+    if (reducer_ && i == n - 1) {
+      // The last micro-batch: each gradient becomes final during this backward, and its bucket's
+      // all-reduce starts as soon as the whole bucket is final (train/distributed.h).
+      reducer_->begin(step);
+      hook.emplace([this](const Tensor& leaf) { reducer_->grad_ready(leaf); });
+    }
     (loss * (1.0 / double(n))).backward();
   }
+  if (reducer_) reducer_->finish();
   return loss_sum.item<double>() / double(n);
 }
 
 StepStats Trainer::train_step() {
   const TrainConfig& t = config_.train;
+  if (group_) dist::inject_test_fault(rank_, step_);
   const double t0 = now_seconds();
   StepStats st;
   st.step = step_;
   st.lr = lr_at(t, step_);
   data::Batch batch = next_batch();
   st.loss = forward_backward(batch, step_);
+  if (group_) {
+    // The guard below must decide alike on every rank: it sees the global mean loss (every rank
+    // runs the same number of micro-batches) and the averaged gradients. A stop request on any
+    // rank (Ctrl-C, SIGTERM) stops all of them before the next step.
+    const bool stop = stop_requested_ || (options_.stop_flag && *options_.stop_flag);
+    const std::vector<double> r = group_->all_reduce_sum(
+        {st.loss, stop ? 1.0 : 0.0}, "the loss all-reduce of step " + std::to_string(step_));
+    st.loss = r[0] / double(world_);
+    agreed_stop_ = r[1] > 0;
+  }
   st.grad_norm = clip_grad_norm(param_tensors_, t.grad_clip);
 
   constexpr double kEmaBeta = 0.99;
@@ -333,11 +371,21 @@ StepStats Trainer::train_step() {
     loss_ema_ = kEmaBeta * loss_ema_ + (1 - kEmaBeta) * st.loss;
     ++loss_ema_count_;
   }
-  optimizer_->zero_grad();
+  zero_grad();
   ++step_;
-  tokens_seen_ += batch.inputs.numel();
+  tokens_seen_ += t.global_batch_tokens;  // all ranks
   st.seconds = now_seconds() - t0;
   return st;
+}
+
+void Trainer::zero_grad() {
+  if (reducer_) reducer_->zero_grad();  // the gradients stay views of the bucket buffer
+  else optimizer_->zero_grad();
+}
+
+bool Trainer::stop_now() const {
+  if (group_) return agreed_stop_;
+  return stop_requested_ || (options_.stop_flag && *options_.stop_flag);
 }
 
 ValStats Trainer::validate() {
@@ -375,14 +423,23 @@ ValStats Trainer::validate() {
   };
   if (val_shards_) {
     const int64_t max_windows = std::max<int64_t>(1, config_.eval.val_tokens / t.seq_len);
-    data::ValLoader loader(val_shards_, t.seq_len, t.micro_batch, 1, 0, max_windows);
+    data::ValLoader loader(val_shards_, t.seq_len, t.micro_batch, world_, rank_, max_windows);
     data::Batch b;
     while (loader.next(b)) run(b, false);
   } else {
     const int64_t examples = std::min<int64_t>(
         val_mqar_->size(), std::max<int64_t>(1, config_.eval.val_tokens / val_mqar_->seq_len()));
-    for (int64_t first = 0; first < examples; first += t.micro_batch)
+    // Rank r takes micro-batches r, r + W, r + 2W, ... of the examples.
+    for (int64_t first = rank_ * t.micro_batch; first < examples; first += world_ * t.micro_batch)
       run(val_mqar_->examples(first, std::min<int64_t>(t.micro_batch, examples - first)), true);
+  }
+  if (group_) {
+    const std::vector<double> r = group_->all_reduce_sum(
+        {loss_sum, double(v.tokens), double(correct)},
+        "the validation all-reduce at step " + std::to_string(step_));
+    loss_sum = r[0];
+    v.tokens = int64_t(r[1]);
+    correct = int64_t(r[2]);
   }
   v.loss = v.tokens > 0 ? loss_sum / double(v.tokens) : 0.0;
   if (bytes_per_token_ > 0) v.bpb = v.loss / std::log(2.0) / bytes_per_token_;
@@ -409,10 +466,18 @@ TrainState Trainer::state() const {
 std::string Trainer::save_checkpoint() {
   const double t0 = now_seconds();
   const std::string path = checkpoint_path(config_.checkpoint.dir, step_);
-  nha::save_checkpoint(path, params_, optimizer_.get(), state());
-  std::vector<std::string> removed = prune_checkpoints(config_.checkpoint.dir, config_.checkpoint.keep_last);
-  log_line("checkpoint " + path + " (" + fmt("%.1f s", now_seconds() - t0) +
-           (removed.empty() ? "" : ", removed " + std::to_string(removed.size()) + " older") + ")");
+  // Every rank holds the whole, identical state (plain data parallelism): rank 0's file is the
+  // complete checkpoint, resumable on any number of GPUs.
+  if (rank_ == 0) {
+    nha::save_checkpoint(path, params_, optimizer_.get(), state());
+    std::vector<std::string> removed =
+        prune_checkpoints(config_.checkpoint.dir, config_.checkpoint.keep_last);
+    log_line("checkpoint " + path + " (" + fmt("%.1f s", now_seconds() - t0) +
+             (removed.empty() ? "" : ", removed " + std::to_string(removed.size()) + " older") + ")");
+  }
+  // The other ranks wait for the file, so that all leave together (after a stop request every
+  // rank exits once the checkpoint exists).
+  if (group_) group_->barrier("the barrier after the checkpoint of step " + std::to_string(step_));
   return path;
 }
 
@@ -454,7 +519,7 @@ void Trainer::train(int64_t until_step) {
   double loss_sum = 0, time_sum = 0, norm_sum = 0;
   int64_t n = 0, n_ok = 0, tokens = 0;
   while (step_ < until) {
-    if (stop_requested_ || (options_.stop_flag && *options_.stop_flag)) {
+    if (stop_now()) {
       log_line("stop requested at step " + std::to_string(step_) + ": saving a checkpoint");
       save_checkpoint();
       return;
@@ -487,7 +552,8 @@ void Trainer::train(int64_t until_step) {
       const double loss = n_ok > 0 ? loss_sum / double(n_ok) : NAN;
       const double norm = n_ok > 0 ? norm_sum / double(n_ok) : NAN;
       const double tps = time_sum > 0 ? double(tokens) / time_sum : 0;
-      const double mfu = device_.is_cuda() ? flops_per_token_ * tps / kGpuPeakFlops : -1;
+      // tok/s counts every rank's tokens; MFU is per GPU.
+      const double mfu = device_.is_cuda() ? flops_per_token_ * tps / (kGpuPeakFlops * world_) : -1;
       const MemoryUsage mem = memory_usage(device_);
       const double eta = time_sum / double(n) * double(until - step_);
       char line[512];
@@ -506,6 +572,7 @@ void Trainer::train(int64_t until_step) {
                             {"mem_peak_bytes", mem.peak},
                             {"steps", n},           {"skipped", n - n_ok}};
       if (mfu >= 0) rec["mfu"] = mfu;
+      if (world_ > 1) rec["world_size"] = world_;
       metrics_.write(rec);
       reset_memory_peak(device_);  // the next line's peak is that interval's
       loss_sum = time_sum = norm_sum = 0;

@@ -12,6 +12,10 @@
 //   if loss or norm is not finite, or loss > spike_factor x running mean: skip the update
 //   else AdamW.step(lr_at(step))
 // then progress lines, JSONL metrics, validation and checkpoints at their intervals.
+//
+// Data parallel (options.group, train/distributed.h): every rank runs this same loop on its rows of
+// each global batch; the last micro-batch's backward averages the gradients over the ranks, the
+// loss used by the guard is the global mean, and only rank 0 writes files (docs/distributed.md).
 #pragma once
 #include <csignal>
 #include <cstdint>
@@ -25,6 +29,7 @@
 #include "layers/transformer.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
+#include "train/distributed.h"
 #include "train/metrics.h"
 #include "train/optim.h"
 
@@ -40,8 +45,12 @@ struct TrainerOptions {
   bool resume = false;
   // Progress lines go here; nullptr = quiet.
   std::ostream* log = nullptr;
-  // Write run_dir/config.yaml and run_dir/metrics.jsonl (tests may turn this off).
+  // Write run_dir/config.yaml and run_dir/metrics.jsonl (tests may turn this off). Under data
+  // parallelism only rank 0 writes files and progress lines.
   bool write_run_files = true;
+  // Data parallel over the ranks of this group (not owned; nullptr: one process). The device is
+  // the group's, cuda:local_rank.
+  dist::ProcessGroup* group = nullptr;
   // Checked before every step (e.g. set by a SIGINT handler): save a checkpoint and return.
   const volatile std::sig_atomic_t* stop_flag = nullptr;
   // Test hook: sees each micro-batch loss before backward and may replace it (e.g. multiply by NaN
@@ -51,7 +60,7 @@ struct TrainerOptions {
 
 struct StepStats {
   int64_t step = 0;         // the step just run (0-based)
-  double loss = 0;          // mean of the micro-batch losses
+  double loss = 0;          // mean of the micro-batch losses (over all ranks)
   double grad_norm = 0;     // before clipping
   double lr = 0;
   bool skipped = false;     // update skipped by the NaN/spike guard
@@ -83,10 +92,11 @@ class Trainer {
   StepStats train_step();                            // one optimizer step (no logging)
   data::Batch next_batch();                          // the next step's batch (advances the loader)
   // Forward + backward of one step's batch in micro-batches: gradients accumulate into the
-  // parameters' grad(); returns the mean micro-batch loss. Does not step or zero the gradients.
+  // parameters' grad() (averaged over the ranks under data parallelism); returns this rank's mean
+  // micro-batch loss. Does not step or zero the gradients.
   double forward_backward(const data::Batch& batch, int64_t step_for_hooks = 0);
-  ValStats validate();
-  std::string save_checkpoint();                     // checkpoint of the current state; its path
+  ValStats validate();                               // all ranks share the work
+  std::string save_checkpoint();                     // checkpoint of the current state (written by rank 0); its path
   void load_checkpoint(const std::string& path);     // restore everything from a checkpoint
   void request_stop() { stop_requested_ = true; }    // finish the current step, checkpoint, return
 
@@ -101,6 +111,8 @@ class Trainer {
   int64_t total_steps() const { return config_.train.total_steps(); }
   int64_t accumulation() const { return accumulation_; }
   int64_t num_parameters() const { return num_parameters_; }
+  int world_size() const { return world_; }
+  int rank() const { return rank_; }
   double bytes_per_token() const { return bytes_per_token_; }  // < 0: unknown (no bpb)
   const std::string& run_dir() const { return config_.logging.run_dir; }
 
@@ -108,6 +120,8 @@ class Trainer {
   void log_line(const std::string& line);
   void setup_data();
   TrainState state() const;
+  bool stop_now() const;  // a stop was requested (under data parallelism: on any rank)
+  void zero_grad();
 
   RunConfig config_;
   TrainerOptions options_;
@@ -115,6 +129,9 @@ class Trainer {
   DType compute_dtype_ = DType::F32;  // bf16 under mixed precision
   std::unique_ptr<LanguageModel> model_;
   std::unique_ptr<AdamW> optimizer_;
+  dist::ProcessGroup* group_ = nullptr;       // data parallel, or nullptr
+  std::unique_ptr<dist::GradReducer> reducer_;  // with group_: owns the gradients' memory
+  int world_ = 1, rank_ = 0;
   std::vector<NamedParameter> params_;
   std::vector<Tensor> param_tensors_;
   int64_t num_parameters_ = 0, matmul_parameters_ = 0;
@@ -131,6 +148,7 @@ class Trainer {
   double loss_ema_ = 0;
   int64_t loss_ema_count_ = 0, bad_in_row_ = 0;
   bool stop_requested_ = false;
+  bool agreed_stop_ = false;  // data parallel: some rank had a stop request at the last step
   MetricsLog metrics_;
 };
 

@@ -1,0 +1,159 @@
+// Data-parallel training over NCCL (docs/distributed.md).
+//
+// One process per GPU ("rank"); every rank holds the whole model and the whole AdamW state
+// (plain data parallelism, no sharding) and reads its own rows of every global batch
+// (data/loader.h: rank r of W takes rows [r B/W, (r+1) B/W)). One optimizer step:
+//
+//   backward of micro-batches 1 .. n-1     gradients accumulate locally (no communication)
+//   backward of micro-batch n              each leaf's AccumulateGrad reports "final" through the
+//                                          grad-ready hook (autograd/node.h); once every gradient
+//                                          of a bucket is final, the bucket is averaged over the
+//                                          ranks by ncclAllReduce(ncclAvg) on the communication
+//                                          stream while the backward goes on (overlap)
+//   finish()                               the compute stream waits for every bucket
+//   loss, stop flag                        one small all-reduce: the guard and Ctrl-C decide alike
+//   clip, guard, AdamW                     identical on every rank (identical averaged gradients)
+//
+// Gradients are views of one flat fp32 buffer laid out bucket by bucket, so the all-reduce works in
+// place with no copy in or out. Parameters are laid out in reverse registration order: the backward
+// produces the last layers' gradients first, so the first buckets fill first.
+//
+// Launch (apps/cmd_train.cpp):
+//   nha train cfg.yaml --gpus N        this process starts N ranks of itself (fork + exec) and
+//                                      waits; rank 0 publishes the NCCL id in a file
+//   mpirun -np N nha train cfg.yaml    ranks from MPI, NCCL id by MPI_Bcast (builds with MPI only)
+// A watchdog thread exits the rank when a collective is still pending after train.dist_timeout_s
+// or NCCL reports an error; the --gpus parent stops all ranks when one fails and names it.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace nha::dist {
+
+// ---- who am I ------------------------------------------------------------------------------------
+
+enum class Launcher { None, Gpus, Mpi };
+const char* launcher_name(Launcher launcher);
+
+struct LaunchInfo {
+  Launcher launcher = Launcher::None;
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;      // GPU of this machine the rank uses: cuda:local_rank
+  std::string rendezvous;  // --gpus: the file in which rank 0 publishes the NCCL unique id
+  bool distributed() const { return world_size > 1; }
+};
+
+// Environment of a rank started by `--gpus N`.
+inline constexpr const char* kEnvRank = "NHA_RANK";
+inline constexpr const char* kEnvWorldSize = "NHA_WORLD_SIZE";
+inline constexpr const char* kEnvLocalRank = "NHA_LOCAL_RANK";
+inline constexpr const char* kEnvRendezvous = "NHA_RENDEZVOUS";
+
+// Reads the launch from environment variables (`lookup` returns nullptr for unset ones):
+// NHA_RANK/NHA_WORLD_SIZE/NHA_LOCAL_RANK/NHA_RENDEZVOUS (set by --gpus), else Open MPI's
+// OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK} (mpirun), else a single process. Malformed values are
+// refused with the variable's name.
+using EnvLookup = std::function<const char*(const char*)>;
+LaunchInfo launch_info_from_env(const EnvLookup& lookup);
+LaunchInfo launch_info_from_env();  // this process's environment
+
+// The variables `--gpus` adds to the environment of child `rank`.
+std::vector<std::pair<std::string, std::string>> rank_environment(int rank, int world_size,
+                                                                  const std::string& rendezvous);
+
+// What this binary can do.
+bool nccl_built();
+bool mpi_built();
+
+// Refuses `--gpus gpus` when this build or machine cannot run it (CPU build, no NCCL, fewer GPUs
+// visible, started under mpirun as well), with a hint. `visible_gpus` = cuda_device_count().
+void check_gpus_request(int gpus, int visible_gpus, const LaunchInfo& launch);
+
+// `--gpus N` in the parent: starts N copies of this process (the same command line, read from
+// /proc/self/cmdline) with rank_environment(r, N, RUN_DIR/.nccl-id.<pid>), forwards Ctrl-C/SIGTERM
+// to them, and waits. When a rank exits with an error or a signal, the others are stopped at once
+// (SIGTERM, then SIGKILL after 5 s) and an error names the rank that failed first.
+void run_local_ranks(int gpus, const std::string& run_dir);
+
+// ---- gradient buckets ------------------------------------------------------------------------------
+
+struct GradBucket {
+  int64_t begin = 0, end = 0;   // element range [begin, end) of the flat gradient buffer
+  std::vector<size_t> params;   // parameter indices, in layout order
+};
+
+struct BucketPlan {
+  std::vector<int64_t> offset;     // (P,) element offset of parameter i's gradient in the buffer
+  std::vector<size_t> bucket_of;   // (P,) bucket of parameter i
+  std::vector<GradBucket> buckets; // consecutive ranges that tile [0, total)
+  int64_t total = 0;               // elements of the flat buffer, padding included
+};
+
+// Lays out P gradients of numels[i] elements (registration order) in one flat buffer, in
+// reverse order, each offset a multiple of `align` elements (aligned vector loads, and NCCL's
+// fast path). A bucket takes parameters until the next one would take it past
+// `bucket_elements`; a larger parameter gets a bucket of its own.
+BucketPlan plan_buckets(const std::vector<int64_t>& numels, int64_t bucket_elements,
+                        int64_t align = 64);
+
+// ---- the communicator ----------------------------------------------------------------------------
+
+class GradReducer;
+
+// The ranks of one job and their NCCL communicator, communication stream and watchdog. Every
+// collective runs on the communication stream, in program order, which is the same on every
+// rank (NCCL requires that).
+class ProcessGroup {
+ public:
+  virtual ~ProcessGroup() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  virtual Device device() const = 0;    // cuda:local_rank
+  virtual std::string summary() const = 0;  // "2 ranks (--gpus, NCCL 2.28.9)" for the start-up log
+
+  // Sums a few host values over the ranks (losses, token counts, flags); blocks until done. Every
+  // rank gets the same sums. `what` names the reduction in timeout messages.
+  virtual std::vector<double> all_reduce_sum(std::vector<double> values, const std::string& what) = 0;
+  // Returns when every rank has called it.
+  virtual void barrier(const std::string& what) = 0;
+
+  // Takes over the gradients of `params` (fp32 tensors on device()): from now on each grad() is a
+  // view of the reducer's flat buffer (see the top of this file).
+  virtual std::unique_ptr<GradReducer> grad_reducer(const std::vector<Tensor>& params,
+                                                    int64_t bucket_bytes) = 0;
+};
+
+// Joins the job described by `launch` (launch.distributed() must hold): picks cuda:local_rank,
+// gets rank 0's NCCL unique id (file rendezvous or MPI broadcast), creates the communicator and
+// starts the watchdog with `timeout_s`. Throws on a build without NCCL.
+std::unique_ptr<ProcessGroup> join_process_group(const LaunchInfo& launch, double timeout_s);
+
+// Averages the gradients over the ranks, bucket by bucket, during the last backward of a step.
+class GradReducer {
+ public:
+  virtual ~GradReducer() = default;
+  // Before the last micro-batch's backward of step `step`: every bucket waits for its gradients.
+  virtual void begin(int64_t step) = 0;
+  // The grad-ready hook: `leaf`'s gradient is final. Starts the all-reduce of every bucket that
+  // is complete and whose predecessors have started (buckets start in order on every rank).
+  virtual void grad_ready(const Tensor& leaf) = 0;
+  // After that backward: starts the buckets still waiting (parameters that got no gradient
+  // contribute zeros) and makes the compute stream wait for all of them.
+  virtual void finish() = 0;
+  // Zeroes the flat buffer (the next step accumulates into it); replaces AdamW::zero_grad.
+  virtual void zero_grad() = 0;
+  virtual std::string summary() const = 0;  // "9 buckets of <= 25 MiB over 124.3M gradients"
+};
+
+// Fault injection for tests/multigpu (docs/distributed.md): NHA_TEST_FAULT=exit:RANK:STEP ends
+// that rank with status 7 before the step, hang:RANK:STEP makes it sleep forever there.
+void inject_test_fault(int rank, int64_t step);
+
+}  // namespace nha::dist
