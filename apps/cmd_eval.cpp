@@ -39,7 +39,13 @@ std::vector<std::string> split_commas(const std::string& s) {
 
 void run_eval(const EvalArgs& a) {
   const eval::LoadedModel m = eval::load_model(a.model, resolve_device(a.device));
-  const data::Tokenizer tok = data::Tokenizer::load(eval::find_tokenizer(m.config, a.tokenizer));
+  // MQAR is generated token ids: a model trained on it has no tokenizer, and needs none.
+  bool needs_text = false;
+  for (const std::string& t : split_commas(a.tasks))
+    needs_text = needs_text || eval::resolve_task(t, a.data_dir).schema != eval::Schema::Mqar;
+  const data::Tokenizer tok = needs_text
+      ? data::Tokenizer::load(eval::find_tokenizer(m.config, a.tokenizer))
+      : data::Tokenizer();
   eval::EvalOptions o;
   o.score.device = m.device;
   o.score.batch_tokens = a.batch_tokens;

@@ -6,11 +6,11 @@
 #include <cstdio>
 #include <exception>
 #include <filesystem>
-#include <fstream>
 #include <future>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/fileio.h"
 #include "data/shards.h"
 
 namespace fs = std::filesystem;
@@ -264,13 +264,7 @@ PrepareStats prepare(const Tokenizer& tok, const PrepareOptions& o) {
   m["text_bytes"] = stats.bytes;
   m["seconds"] = stats.seconds;
   m["threads"] = threads;
-  std::string tmp = manifest_path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << m.dump(2) << "\n";
-    NHA_CHECK(out.good()) << "cannot write '" << tmp << "'. HINT: is the disk full?";
-  }
-  fs::rename(tmp, manifest_path);
+  write_file_atomic(manifest_path.string(), m.dump(2) + "\n");
   return stats;
 }
 

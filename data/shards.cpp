@@ -12,6 +12,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/fileio.h"
 
 namespace fs = std::filesystem;
 
@@ -118,7 +119,7 @@ void write_shard(const std::string& path, const std::vector<uint32_t>& tokens,
   NHA_CHECK(meta.token_bytes == 2 || meta.token_bytes == 4) << "token_bytes " << meta.token_bytes;
   meta.num_tokens = int64_t(tokens.size());
   meta.num_documents = int64_t(doc_offsets.size()) - 1;
-  std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  const std::string tmp = temp_path_for(path);
   try {
     // No modification times in object headers: the same tokens give byte-identical files.
     H5::FileCreatPropList fcpl;

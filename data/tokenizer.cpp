@@ -3,8 +3,6 @@
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
-#include <unistd.h>
-
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +10,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "core/fileio.h"
 #include "data/text_source.h"
 
 namespace fs = std::filesystem;
@@ -216,26 +215,16 @@ Tokenizer Tokenizer::train(const std::vector<std::string>& inputs, const std::st
                             "lower --character-coverage";
 
   Tokenizer tok = from_serialized(serialized, out_path);
-  // Write atomically: a reader never sees half a model, and a failed run leaves no file behind.
-  fs::path out(out_path);
-  if (out.has_parent_path()) fs::create_directories(out.parent_path());
-  // Unique temp name: parallel trainings of the same output never write the same temp file.
-  std::string tmp = out_path + ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    NHA_CHECK(f.good()) << "cannot write '" << tmp << "'. HINT: check the output directory";
-    f.write(serialized.data(), std::streamsize(serialized.size()));
-    f.close();
-    NHA_CHECK(f.good()) << "writing '" << tmp << "' failed. HINT: is the disk full?";
-  }
-  fs::rename(tmp, out_path);
+  // Written atomically: a reader never sees half a model, and a failed run leaves no file behind.
+  write_file_atomic(out_path, serialized);
   // The human-readable piece list next to it (sentencepiece's .vocab convention).
-  fs::path vocab_path = out;
+  fs::path vocab_path = out_path;
   vocab_path.replace_extension(".vocab");
-  if (vocab_path != out) {
-    std::ofstream v(vocab_path, std::ios::trunc);
+  if (vocab_path != fs::path(out_path)) {
+    std::ostringstream v;
     for (int64_t i = 0; i < tok.vocab_size(); ++i)
       v << tok.sp_->IdToPiece(int(i)) << "\t" << tok.sp_->GetScore(int(i)) << "\n";
+    write_file_atomic(vocab_path.string(), v.str());
   }
   return tok;
 }

@@ -7,7 +7,9 @@
 
 #include "autograd/node.h"
 #include "data/loader.h"
+#include "eval/generate.h"
 #include "kernels/backend.h"
+#include "train/autocast.h"
 
 namespace nha::eval {
 
@@ -88,15 +90,14 @@ Tensor logits_rows(const LogitsFn& model, const Tensor& ids) {
   return logits.reshape({-1, logits.size(2)}).contiguous();
 }
 
-// argmax over the last dim of rows [N, V], on the CPU as i64.
+}  // namespace
+
 std::vector<int64_t> row_argmax(const Tensor& rows) {
   Tensor am = Tensor::empty({rows.size(0)}, DType::I64, rows.device());
   backend_for(rows).argmax(am, rows);
   Tensor c = am.to(Device::cpu());
   return std::vector<int64_t>(c.data<int64_t>(), c.data<int64_t>() + c.numel());
 }
-
-}  // namespace
 
 std::vector<LoglikResult> score_loglik(const LogitsFn& model,
                                        const std::vector<LoglikRequest>& requests,
@@ -154,9 +155,10 @@ std::vector<LoglikResult> score_loglik(const LogitsFn& model,
   return results;
 }
 
-std::vector<std::vector<int32_t>> generate_greedy(
-    const LogitsFn& model, const std::vector<GenerateRequest>& requests, int64_t max_new_tokens,
-    const std::function<bool(const std::vector<int32_t>&)>& stop, const ScoreOptions& options) {
+std::vector<std::vector<int32_t>> generate_greedy(const LogitsFn& model,
+                                                  const std::vector<GenerateRequest>& requests,
+                                                  int64_t max_new_tokens, const StopFn& stop,
+                                                  const ScoreOptions& options) {
   autograd::NoGradGuard no_grad;
   std::vector<std::vector<int32_t>> out(requests.size());
   std::vector<size_t> lengths;
@@ -202,6 +204,46 @@ std::vector<std::vector<int32_t>> generate_greedy(
     for (size_t b = 0; b < n; ++b) generated_tokens += int64_t(out[order[start + b]].size());
     start += n;
     progress.update(int64_t(start), generated_tokens);
+  }
+  return out;
+}
+
+std::vector<std::vector<int32_t>> generate_greedy_cached(
+    const LanguageModel& model, DType compute_dtype, const std::vector<GenerateRequest>& requests,
+    int64_t max_new_tokens, const StopFn& stop, const ScoreOptions& options) {
+  std::vector<std::vector<int32_t>> out(requests.size());
+  // Rows that generate_greedy would cut (prompt + new tokens beyond max_len) keep its results.
+  std::vector<size_t> cached, cut;
+  std::vector<size_t> lengths;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    NHA_CHECK(!requests[i].prompt.empty()) << "generation needs a non-empty prompt";
+    const bool fits = int64_t(requests[i].prompt.size()) + max_new_tokens - 1 <= options.max_len;
+    (fits ? cached : cut).push_back(i);
+    if (fits) lengths.push_back(requests[i].prompt.size());
+  }
+  if (!cut.empty()) {
+    const LogitsFn forward = [&](const Tensor& ids) {
+      AutocastGuard autocast(compute_dtype);
+      return model.forward(ids);
+    };
+    std::vector<GenerateRequest> long_requests;
+    for (size_t i : cut) long_requests.push_back(requests[i]);
+    const auto generated = generate_greedy(forward, long_requests, max_new_tokens, stop, options);
+    for (size_t j = 0; j < cut.size(); ++j) out[cut[j]] = generated[j];
+  }
+  const std::vector<size_t> order = longest_first(lengths);  // indices into `cached`
+  SamplingOptions greedy;
+  greedy.max_new_tokens = max_new_tokens;
+  Progress progress(options.label, int64_t(order.size()));
+  for (size_t start = 0; start < order.size();) {
+    const int64_t L0 = int64_t(lengths[order[start]]) + max_new_tokens;
+    const size_t n = std::clamp<size_t>(size_t(options.batch_tokens / L0), 1, order.size() - start);
+    std::vector<std::vector<int32_t>> prompts;
+    for (size_t b = 0; b < n; ++b) prompts.push_back(requests[cached[order[start + b]]].prompt);
+    const GenerationResult r = generate(model, prompts, greedy, stop, compute_dtype);
+    for (size_t b = 0; b < n; ++b) out[cached[order[start + b]]] = r.tokens[b];
+    start += n;
+    progress.update(int64_t(start), r.new_tokens);
   }
   return out;
 }

@@ -13,6 +13,10 @@
 
 #include "core/tensor.h"
 
+namespace nha {
+class LanguageModel;
+}
+
 namespace nha::eval {
 
 // ids [B, T] (i32, on the scoring device) -> logits [B, T, V] (any floating dtype, same device).
@@ -47,11 +51,35 @@ struct GenerateRequest {
   std::vector<int32_t> prompt;
 };
 
-// Greedy decoding of up to max_new_tokens per prompt, batched; a row stops early once stop(tokens
-// so far) is true (e.g. "the decoded text contains a newline"). Returns only the new tokens.
-// Recomputes the forward over the whole prefix each step: simple and exact for every mixer.
-std::vector<std::vector<int32_t>> generate_greedy(
-    const LogitsFn& model, const std::vector<GenerateRequest>& requests, int64_t max_new_tokens,
-    const std::function<bool(const std::vector<int32_t>&)>& stop, const ScoreOptions& options);
+// A row of a generation stops once stop(its new tokens so far) is true (e.g. "the decoded text
+// contains a newline").
+using StopFn = std::function<bool(const std::vector<int32_t>& generated)>;
+
+// Greedy decoding of up to max_new_tokens per prompt, batched; a row stops early once stop is
+// true. Returns only the new tokens (the stopping one included). Recomputes the forward over the
+// whole prefix each step (cut to its last max_len tokens): simple, exact for every mixer, and the
+// reference for generate_greedy_cached.
+std::vector<std::vector<int32_t>> generate_greedy(const LogitsFn& model,
+                                                  const std::vector<GenerateRequest>& requests,
+                                                  int64_t max_new_tokens, const StopFn& stop,
+                                                  const ScoreOptions& options);
+
+// The same results with a LanguageModel's caches (eval/generate.h): one prefill per prompt, then
+// one decode_step per token, for batches of rows x (prompt + max_new_tokens) <= batch_tokens. The
+// model runs under autocast to compute_dtype. Requests whose prompt plus new tokens exceed
+// max_len (where generate_greedy starts cutting the prefix) go through generate_greedy.
+std::vector<std::vector<int32_t>> generate_greedy_cached(
+    const LanguageModel& model, DType compute_dtype, const std::vector<GenerateRequest>& requests,
+    int64_t max_new_tokens, const StopFn& stop, const ScoreOptions& options);
+
+// How a task generates: generate_greedy over a LogitsFn, or generate_greedy_cached bound to a
+// model (eval/runner.cpp).
+using GenerateFn = std::function<std::vector<std::vector<int32_t>>(
+    const std::vector<GenerateRequest>& requests, int64_t max_new_tokens, const StopFn& stop,
+    const ScoreOptions& options)>;
+
+// argmax over the last dim of rows [N, V] (the backend's kernel: the first maximum on ties),
+// copied to the host.
+std::vector<int64_t> row_argmax(const Tensor& rows);
 
 }  // namespace nha::eval

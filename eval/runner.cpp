@@ -68,12 +68,19 @@ std::vector<TaskResult> run_tasks(const LoadedModel& m, const data::Tokenizer& t
       << "tokenizer has " << tokenizer.vocab_size() << " ids but the model only "
       << m.config.model.vocab_size << ". HINT: pass the tokenizer the model was trained with";
   const LogitsFn model = logits_fn(m);
+  EvalOptions opt = options;
+  if (!opt.generate)
+    opt.generate = [&m](const std::vector<GenerateRequest>& requests, int64_t max_new_tokens,
+                        const StopFn& stop, const ScoreOptions& score) {
+      return generate_greedy_cached(*m.model, m.compute_dtype, requests, max_new_tokens, stop,
+                                    score);
+    };
   std::vector<TaskResult> results;
   for (const std::string& t : tasks) {
     const TaskSpec spec = resolve_task(t, data_dir);
     std::fprintf(stderr, "eval: %s (%s, %s)\n", spec.name.c_str(), schema_name(spec.schema),
                  spec.path.c_str());
-    results.push_back(run_task(spec, model, tokenizer, options));
+    results.push_back(run_task(spec, model, tokenizer, opt));
     const TaskResult& r = results.back();
     std::fprintf(stderr, "eval: %s %s = %.4f (%lld rows, %.1f s)\n", r.task.c_str(),
                  r.primary.c_str(), r.metric(r.primary), (long long)r.rows, r.seconds);

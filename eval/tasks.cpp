@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "eval/mqar_eval.h"
 
 namespace nha::eval {
 
@@ -23,16 +24,17 @@ const char* schema_name(Schema s) {
     case Schema::Lambada: return "lambada";
     case Schema::Contains: return "contains";
     case Schema::Text: return "text";
+    case Schema::Mqar: return "mqar";
   }
   return "?";
 }
 
 Schema schema_from_name(const std::string& name) {
   for (Schema s : {Schema::MultipleChoice, Schema::Winogrande, Schema::Lambada, Schema::Contains,
-                   Schema::Text})
+                   Schema::Text, Schema::Mqar})
     if (name == schema_name(s)) return s;
   NHA_FAIL() << "unknown task schema '" << name
-             << "'. HINT: use multiple_choice, winogrande, lambada, contains or text";
+             << "'. HINT: use multiple_choice, winogrande, lambada, contains, text or mqar";
 }
 
 namespace {
@@ -54,6 +56,7 @@ constexpr KnownTask kKnownTasks[] = {
     {"lambada_openai", "lambada_openai.jsonl", Schema::Lambada, "acc"},
     {"triviaqa_closed_sub", "triviaqa_closed_sub.jsonl", Schema::Contains, "contains"},
     {"wikitext2", "wikitext2_test.txt", Schema::Text, "ppl"},
+    {"mqar", "test", Schema::Mqar, "acc"},  // "file" is the preset: generated, not read
 };
 
 const char* default_primary(Schema s) {
@@ -63,6 +66,7 @@ const char* default_primary(Schema s) {
     case Schema::Lambada: return "acc";
     case Schema::Contains: return "contains";
     case Schema::Text: return "ppl";
+    case Schema::Mqar: return "acc";
   }
   return "acc";
 }
@@ -213,7 +217,9 @@ std::vector<Metric> score_contains(const std::vector<json>& rows, const std::str
   const auto stop = [&](const std::vector<int32_t>& g) {
     return tok.decode(g).find('\n') != std::string::npos;
   };
-  const auto generated = generate_greedy(model, requests, opt.max_new_tokens, stop, opt.score);
+  const auto generated =
+      opt.generate ? opt.generate(requests, opt.max_new_tokens, stop, opt.score)
+                   : generate_greedy(model, requests, opt.max_new_tokens, stop, opt.score);
   double hits = 0;
   for (size_t i = 0; i < rows.size(); ++i)
     hits += contains_answer(first_line(tok.decode(generated[i])), answers_of(rows[i], path, i));
@@ -252,6 +258,25 @@ std::vector<Metric> score_text(const std::string& path, const LogitsFn& model,
           {"tokens", tokens}};
 }
 
+// Accuracy over all settings of the preset, then per setting ("acc@L64-K4").
+std::vector<Metric> score_mqar(const std::string& preset, const LogitsFn& model,
+                               const EvalOptions& opt, int64_t& examples) {
+  const std::vector<MqarSettingResult> per_setting =
+      evaluate_mqar(model, data::mqar_preset(preset), opt.score, opt.limit);
+  std::vector<Metric> metrics = {{"acc", 0}};
+  int64_t queries = 0, correct = 0;
+  examples = 0;
+  for (const MqarSettingResult& r : per_setting) {
+    metrics.push_back({"acc@L" + std::to_string(r.seq_len) + "-K" + std::to_string(r.num_kv_pairs),
+                       r.accuracy()});
+    queries += r.queries;
+    correct += r.correct;
+    examples += r.examples;
+  }
+  metrics[0].value = queries > 0 ? double(correct) / double(queries) : 0.0;
+  return metrics;
+}
+
 std::string lower(std::string s) {
   for (char& c : s) c = char(std::tolower((unsigned char)c));
   return s;
@@ -262,7 +287,8 @@ std::string lower(std::string s) {
 TaskSpec resolve_task(const std::string& spec, const std::string& data_dir) {
   for (const KnownTask& k : kKnownTasks)
     if (spec == k.name) {
-      const std::string path = (fs::path(data_dir) / k.file).string();
+      const std::string path =
+          k.schema == Schema::Mqar ? k.file : (fs::path(data_dir) / k.file).string();
       return {k.name, path, k.schema, k.primary};
     }
   // [name=]path[:schema]
@@ -281,8 +307,8 @@ TaskSpec resolve_task(const std::string& spec, const std::string& data_dir) {
     NHA_CHECK(fs::path(path).extension() == ".txt")
         << "task '" << spec << "' is not a known task name and has no schema. HINT: known tasks: "
         << "piqa, hellaswag, arc_easy, arc_challenge, winogrande, lambada, triviaqa_closed_sub, "
-        << "wikitext2; for your own file write PATH:SCHEMA (multiple_choice, winogrande, "
-        << "lambada, contains, text)";
+        << "wikitext2, mqar; for your own file write PATH:SCHEMA (multiple_choice, winogrande, "
+        << "lambada, contains, text), for an MQAR preset PRESET:mqar";
     schema = "text";
   }
   const Schema s = schema_from_name(schema);
@@ -304,6 +330,8 @@ TaskResult run_task(const TaskSpec& task, const LogitsFn& model, const data::Tok
   if (task.schema == Schema::Text) {
     result.metrics = score_text(task.path, model, tokenizer, opt);
     result.rows = 1;
+  } else if (task.schema == Schema::Mqar) {
+    result.metrics = score_mqar(task.path, model, opt, result.rows);
   } else {
     const std::vector<json> rows = read_jsonl(task.path, opt.limit);
     result.rows = int64_t(rows.size());
@@ -315,7 +343,8 @@ TaskResult run_task(const TaskSpec& task, const LogitsFn& model, const data::Tok
         break;
       case Schema::Lambada: result.metrics = score_lambada(rows, task.path, model, tokenizer, opt); break;
       case Schema::Contains: result.metrics = score_contains(rows, task.path, model, tokenizer, opt); break;
-      case Schema::Text: break;
+      case Schema::Text:
+      case Schema::Mqar: break;
     }
   }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -343,7 +372,7 @@ namespace {
 // Accuracies as percentages (the papers' convention), perplexities as they are.
 std::string shown(const Metric& m) {
   char buf[64];
-  const bool fraction = m.name == "acc" || m.name == "acc_norm" || m.name == "contains";
+  const bool fraction = m.name.starts_with("acc") || m.name == "contains";
   std::snprintf(buf, sizeof buf, fraction ? "%.2f" : "%.3f", fraction ? 100 * m.value : m.value);
   return buf;
 }

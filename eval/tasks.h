@@ -9,6 +9,7 @@
 //                     "aliases": [..])                              a newline, <= 48 tokens, case-
 //                                                                  insensitive substring match)
 //   text             a plain text file                            ppl, bpb (sliding window)
+//   mqar             an MQAR preset name (generated, no file)     acc (all settings), acc@L<L>-K<K>
 //
 // Task files are data: any file in one of these schemas can be evaluated by path. The standard
 // names (piqa, hellaswag, arc_easy, arc_challenge, winogrande, lambada / lambada_openai,
@@ -23,13 +24,13 @@
 
 namespace nha::eval {
 
-enum class Schema : uint8_t { MultipleChoice, Winogrande, Lambada, Contains, Text };
+enum class Schema : uint8_t { MultipleChoice, Winogrande, Lambada, Contains, Text, Mqar };
 const char* schema_name(Schema s);
 Schema schema_from_name(const std::string& name);
 
 struct TaskSpec {
   std::string name;     // shown in the report
-  std::string path;     // the JSONL (or text) file
+  std::string path;     // the JSONL (or text) file; for mqar the preset name (data/mqar.h)
   Schema schema = Schema::MultipleChoice;
   std::string primary;  // the metric the paper reports for this task (acc, acc_norm, ...)
 };
@@ -44,6 +45,9 @@ struct EvalOptions {
   int64_t context_tokens = 0;    // contains: keep only the last N context tokens (0: all)
   int64_t max_new_tokens = 48;   // contains
   int64_t text_stride = 0;       // text: sliding-window stride (0: max_len / 2)
+  // contains: how to generate greedily; empty = generate_greedy over the task's LogitsFn (the
+  // whole prefix per token). run_tasks binds generate_greedy_cached (KV caches, NHA state).
+  GenerateFn generate;
 };
 
 struct Metric {

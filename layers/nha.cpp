@@ -3,10 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
-#include <vector>
 
 #include "autograd/node.h"
-#include "kernels/cpu/cpu_backend.h"
+#include "kernels/backend.h"
 
 namespace nha {
 
@@ -25,7 +24,8 @@ NhaMixer::NhaMixer(const ModelConfig& cfg, const MixerConfig& mixer, double out_
   out_norm = register_module("out_norm", std::make_shared<RMSNorm>(d, 1e-6));
 }
 
-NhaMixer::Projections NhaMixer::project(const Tensor& x, int64_t start_pos) const {
+NhaMixer::Projections NhaMixer::project(const Tensor& x,
+                                        const std::vector<int64_t>& positions) const {
   NHA_CHECK(x.dim() == 3 && x.size(2) == wq->weight.size(1))
       << "nha mixer: x must be [B, T, d] with d = " << wq->weight.size(1) << ", got " << x.str();
   const int64_t B = x.size(0), T = x.size(1), hd = x.size(2) / n_heads;
@@ -34,8 +34,8 @@ NhaMixer::Projections NhaMixer::project(const Tensor& x, int64_t start_pos) cons
   p.k = wk->forward(x).reshape({B, T, n_heads, hd});
   p.v = silu(wv->forward(x)).reshape({B, T, n_heads, hd});
   std::tie(p.g, p.s) = nha_gates(wf->forward(x).reshape({B, T, n_heads, slots}));
-  p.qr = rope(p.q, rope_base, start_pos);
-  p.kr = rope(p.k, rope_base, start_pos);
+  p.qr = decode::rope_rows(p.q, rope_base, positions);
+  p.kr = decode::rope_rows(p.k, rope_base, positions);
   return p;
 }
 
@@ -45,130 +45,188 @@ Tensor NhaMixer::output(const Tensor& o) const {
 }
 
 Tensor NhaMixer::forward(const Tensor& x) const {
-  const Projections p = project(x, 0);
+  const Projections p = project(x, std::vector<int64_t>(size_t(x.size(0)), 0));
   return output(nha_attend(p.q, p.k, p.qr, p.kr, p.v, p.s, p.g, window));
 }
 
 // ---- decode ---------------------------------------------------------------------------------
+// Everything below runs through Backend ops (gemm, elementwise, softmax, copies), so the decode
+// form runs wherever the layer does.
 
 namespace {
 
-// Memory write of one token (SPEC-NHA §2), Hk [Dk, M], Hv [M, Dv]:
-//   Hk = Hk * e^g[None,:] + k s^T;  Hv = Hv * e^g[:,None] + s v^T
-template <typename S>
-void memory_write(S* Hk, S* Hv, const S* k, const S* v, const S* s, const S* g, int64_t Dk,
-                  int64_t Dv, int64_t M) {
-  for (int64_t m = 0; m < M; ++m) {
-    const double a = std::exp(double(g[m])), sm = double(s[m]);
-    for (int64_t d = 0; d < Dk; ++d)
-      Hk[d * M + m] = S(double(Hk[d * M + m]) * a + double(k[d]) * sm);
-    for (int64_t e = 0; e < Dv; ++e)
-      Hv[m * Dv + e] = S(double(Hv[m * Dv + e]) * a + sm * double(v[e]));
-  }
+// One memory write per (row, head), SPEC-NHA §2, in place on Hk [BH, D, M], Hv [BH, M, D]:
+//   Hk = Hk * a[None,:] + k s^T;  Hv = Hv * a[:,None] + s v^T;  a = e^g = 1 - s
+// k, v hold BH*D values, s BH*M (a ring slot or the current token). s = 0 (an empty slot) leaves
+// the memory exactly as it was.
+void nha_memory_write(Tensor& Hk, Tensor& Hv, const Tensor& k, const Tensor& v, const Tensor& s) {
+  const int64_t BH = Hk.size(0), D = Hk.size(1), M = Hk.size(2);
+  Backend& be = backend_for(Hk);
+  const Tensor s_row = s.contiguous().reshape({BH, 1, M});
+  Tensor a = Tensor::empty({BH, 1, M}, Hk.dtype(), Hk.device());  // decay per slot
+  be.fill(a, 1.0);
+  be.add(a, a, s_row, 1.0, -1.0);
+  Tensor decay = Tensor::empty({BH, D, M}, Hk.dtype(), Hk.device());
+  be.broadcast_dim(decay, a, BH, D, M);  // a along the key dim
+  be.mul(Hk, Hk, decay);
+  be.gemm(Hk, k.contiguous().reshape({BH, D, 1}), s_row, false, false, 1.0, 1.0);
+  decay = Tensor::empty({BH, M, D}, Hk.dtype(), Hk.device());
+  be.broadcast_dim(decay, a, BH * M, D, 1);  // a along the value dim
+  be.mul(Hv, Hv, decay);
+  be.gemm(Hv, s_row.reshape({BH, M, 1}), v.contiguous().reshape({BH, 1, D}), false, false, 1.0,
+          1.0);
 }
 
-// The attention core of one decode step (SPEC-NHA §5) for every (b, h). Token inputs q, k, qr,
-// kr, v [B, 1, H, hd] and s, g [B, 1, H, M] are in the state's dtype S; writes o [B, 1, H, hd].
-// With a window: pop token pos - w into the memory (its ring slot is the one the new token
-// takes), push the new token, then read the slots and the ring. Without: write the token first.
-template <typename S>
-void decode_core(NhaDecodeState& st, Tensor& o, const Tensor& q, const Tensor& k, const Tensor& qr,
-                 const Tensor& kr, const Tensor& v, const Tensor& s, const Tensor& g, int64_t w,
-                 double scale) {
-  const int64_t B = q.size(0), H = q.size(2), D = q.size(3), M = s.size(3), cap = st.cap;
-  const int64_t t = st.pos;
-  const int64_t u0 = w == 0 ? t + 1 : std::max<int64_t>(0, t - w + 1);  // window: u0..t
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t bh = b * H + h;
-      S* Hk = st.Hk.data<S>() + bh * D * M;  // [D, M]
-      S* Hv = st.Hv.data<S>() + bh * M * D;  // [M, D]
-      // Ring row (b, slot, h) of a [B, cap, H, X] buffer.
-      auto ring = [&](const Tensor& r, int64_t u, int64_t X) {
-        return r.data<S>() + ((b * cap + u % cap) * H + h) * X;
-      };
-      const S *kt = k.data<S>() + bh * D, *vt = v.data<S>() + bh * D;
-      const S *s_t = s.data<S>() + bh * M, *gt = g.data<S>() + bh * M;
-      if (w == 0) {
-        memory_write(Hk, Hv, kt, vt, s_t, gt, D, D, M);
-      } else {
-        if (t >= w)
-          memory_write(Hk, Hv, ring(st.k, t, D), ring(st.v, t, D), ring(st.s, t, M),
-                       ring(st.g, t, M), D, D, M);
-        std::copy(kt, kt + D, ring(st.k, t, D));
-        std::copy(vt, vt + D, ring(st.v, t, D));
-        std::copy(s_t, s_t + M, ring(st.s, t, M));
-        std::copy(gt, gt + M, ring(st.g, t, M));
-        const S* krt = kr.data<S>() + bh * D;
-        std::copy(krt, krt + D, ring(st.kr, t, D));
-      }
-      // Logits [scale q Hk ; scale qr . kr_u], one softmax, o = p[:M] Hv + sum_u p[M+u] v_u.
-      const S *qt = q.data<S>() + bh * D, *qrt = qr.data<S>() + bh * D;
-      std::vector<double> z(size_t(M + t + 1 - u0), 0.0);
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t m = 0; m < M; ++m) z[m] += scale * double(qt[d]) * double(Hk[d * M + m]);
-      for (int64_t u = u0; u <= t; ++u) {
-        const S* kru = ring(st.kr, u, D);
-        for (int64_t d = 0; d < D; ++d) z[M + u - u0] += scale * double(qrt[d]) * double(kru[d]);
-      }
-      const double mx = *std::max_element(z.begin(), z.end());
-      double sum = 0;
-      for (double& zi : z) sum += (zi = std::exp(zi - mx));
-      std::vector<double> acc(size_t(D), 0.0);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t e = 0; e < D; ++e) acc[e] += z[m] * double(Hv[m * D + e]);
-      for (int64_t u = u0; u <= t; ++u) {
-        const S* vu = ring(st.v, u, D);
-        for (int64_t e = 0; e < D; ++e) acc[e] += z[M + u - u0] * double(vu[e]);
-      }
-      S* ot = o.data<S>() + bh * D;
-      for (int64_t e = 0; e < D; ++e) ot[e] = S(acc[e] / sum);
+// The memory after writing the first n tokens of one prompt into an empty memory, in closed form:
+//   Hk = sum_j k_j w_j^T,  Hv = sum_j w_j v_j^T,  w_j = s_j * exp(sum_{j < i < n} g_i)
+// (token j decayed by every later write; the exponent is <= 0). The weights w come from a reverse
+// cumulative sum of g on the host in double; two batched GEMMs over the heads do the rest.
+// k, v [1, T, H, D], g, s [1, T, H, M] (T >= n) -> Hk [H, D, M], Hv [H, M, D] (overwritten).
+void nha_prompt_memory(Tensor& Hk, Tensor& Hv, const Tensor& k, const Tensor& v, const Tensor& g,
+                       const Tensor& s, int64_t n) {
+  const int64_t H = k.size(2), M = s.size(3), HM = H * M;
+  const Tensor gh = g.slice(1, 0, n).to(Device::cpu()).to(DType::F64).contiguous();  // [1, n, H, M]
+  const Tensor sh = s.slice(1, 0, n).to(Device::cpu()).to(DType::F64).contiguous();  // [1, n, H, M]
+  Tensor w = Tensor::empty({n, H, M}, DType::F64);
+  const double *pg = gh.data<double>(), *ps = sh.data<double>();
+  double* pw = w.data<double>();
+  for (int64_t hm = 0; hm < HM; ++hm) {
+    double later = 0;  // sum of g over the tokens after j
+    for (int64_t j = n - 1; j >= 0; --j) {
+      pw[j * HM + hm] = ps[j * HM + hm] * std::exp(later);
+      later += pg[j * HM + hm];
     }
+  }
+  // [n, H, X] -> per-head matrices [H, n, X] in the state's dtype and device
+  auto heads = [&](const Tensor& t) {
+    const Tensor per_head = t.reshape({n, H, t.size(-1)}).transpose(0, 1).contiguous();
+    return per_head.to(Hk.dtype()).to(Hk.device());
+  };
+  const Tensor K = heads(k.slice(1, 0, n)), V = heads(v.slice(1, 0, n)), W = heads(w);
+  Backend& be = backend_for(Hk);
+  be.gemm(Hk, K, W, true, false, 1.0, 0.0);  // [H, D, M] = K^T W
+  be.gemm(Hv, W, V, true, false, 1.0, 0.0);  // [H, M, D] = W^T V
+}
+
+// [N, A] and [N, C] -> [N, A + C] (the joint softmax's slot and window logits side by side):
+// written as rows of the transpose, where both parts are contiguous blocks.
+Tensor nha_concat_cols(const Tensor& a, const Tensor& c) {
+  const int64_t N = a.size(0), A = a.size(1), C = c.size(1);
+  Tensor t = Tensor::empty({A + C, N}, a.dtype(), a.device());
+  t.slice(0, 0, A).copy_(a.transpose(0, 1));
+  t.slice(0, A, A + C).copy_(c.transpose(0, 1));
+  return t.transpose(0, 1).contiguous();
 }
 
 }  // namespace
 
 NhaDecodeState NhaMixer::decode_state(int64_t batch, int64_t max_len) const {
-  const Tensor& w = wq->weight;
-  NHA_CHECK(w.device() == Device::cpu())
-      << "nha decode runs on the cpu, the layer is on " << w.device().str()
-      << ". HINT: move the model with .to(Device::cpu())";
   NHA_CHECK(batch >= 1 && max_len >= 1)
       << "nha decode_state: batch and max_len must be positive, got " << batch << ", " << max_len;
+  const Tensor& w = wq->weight;
   const int64_t H = n_heads, D = w.size(1) / H, M = slots;
-  const DType dt = w.dtype() == DType::F64 ? DType::F64 : DType::F32;
+  const DType dt = decode::state_dtype(w);
+  const Device dev = w.device();
   NhaDecodeState st;
-  st.Hk = Tensor::zeros({batch, H, D, M}, dt);
-  st.Hv = Tensor::zeros({batch, H, M, D}, dt);
+  st.batch = batch;
+  st.start.assign(size_t(batch), 0);
+  st.Hk = Tensor::zeros({batch, H, D, M}, dt, dev);
+  st.Hv = Tensor::zeros({batch, H, M, D}, dt, dev);
   st.cap = std::min(window, max_len);
   if (st.cap > 0) {
-    st.k = Tensor::zeros({batch, st.cap, H, D}, dt);
-    st.kr = Tensor::zeros({batch, st.cap, H, D}, dt);
-    st.v = Tensor::zeros({batch, st.cap, H, D}, dt);
-    st.g = Tensor::zeros({batch, st.cap, H, M}, dt);
-    st.s = Tensor::zeros({batch, st.cap, H, M}, dt);
+    st.k = Tensor::zeros({st.cap, batch, H, D}, dt, dev);
+    st.kr = Tensor::zeros({st.cap, batch, H, D}, dt, dev);
+    st.v = Tensor::zeros({st.cap, batch, H, D}, dt, dev);
+    st.s = Tensor::zeros({st.cap, batch, H, M}, dt, dev);
   }
   return st;
 }
 
-Tensor NhaMixer::step(const Tensor& x_t, NhaDecodeState& st) const {
+std::unique_ptr<MixerState> NhaMixer::new_state(int64_t batch, int64_t max_len) const {
+  return std::make_unique<NhaDecodeState>(decode_state(batch, max_len));
+}
+
+std::vector<Tensor> NhaMixer::prefill(const std::vector<Tensor>& xs, MixerState& state) const {
   autograd::NoGradGuard no_grad;
-  NHA_CHECK(x_t.dim() == 3 && x_t.size(1) == 1 && x_t.size(0) == st.Hk.size(0))
-      << "nha step: x_t must be [B, 1, d] with the state's B = " << st.Hk.size(0) << ", got "
-      << x_t.str() << ". HINT: feed one token per call; make the state with decode_state(B, ...)";
+  NhaDecodeState& st = decode::state_as<NhaDecodeState>(state, "nha");
+  const int64_t d = wq->weight.size(1), H = n_heads, D = d / H, M = slots;
+  const int64_t L = decode::begin_prefill(xs, st, d, "nha");
+  NHA_CHECK(st.cap == window || L <= st.cap)
+      << "nha prefill: a prompt of " << L << " tokens does not fit the ring of " << st.cap
+      << " tokens (window " << window << "). HINT: raise max_len in decode_state";
+  std::vector<Tensor> ys, k, kr, v, s;  // per row; the ring parts [1, T_b, H, X]
+  for (size_t b = 0; b < xs.size(); ++b) {
+    const Projections p = project(xs[b], {0});
+    ys.push_back(output(nha_attend(p.q, p.k, p.qr, p.kr, p.v, p.s, p.g, window)));
+    // Tokens the prompt's steps wrote into the memory: all of them without a window, those that
+    // left a wrapping window otherwise, none while the ring holds every step (cap < window).
+    const int64_t T = xs[b].size(1);
+    const int64_t written =
+        window == 0 ? T : (st.cap == window ? std::max<int64_t>(0, T - window) : 0);
+    if (written > 0) {
+      Tensor Hk = st.Hk.slice(0, int64_t(b), int64_t(b) + 1).reshape({H, D, M});
+      Tensor Hv = st.Hv.slice(0, int64_t(b), int64_t(b) + 1).reshape({H, M, D});
+      nha_prompt_memory(Hk, Hv, p.k, p.v, p.g, p.s, written);
+    }
+    k.push_back(p.k);
+    kr.push_back(p.kr);
+    v.push_back(p.v);
+    s.push_back(p.s);
+  }
+  if (st.cap > 0) {
+    const int64_t n = std::min(L, st.cap);  // the steps still in the window
+    decode::ring_write(st.k, L - n, decode::right_aligned_tail(k, n));
+    decode::ring_write(st.kr, L - n, decode::right_aligned_tail(kr, n));
+    decode::ring_write(st.v, L - n, decode::right_aligned_tail(v, n));
+    decode::ring_write(st.s, L - n, decode::right_aligned_tail(s, n));
+  }
+  return ys;
+}
+
+Tensor NhaMixer::step(const Tensor& x_t, MixerState& state) const {
+  autograd::NoGradGuard no_grad;
+  NhaDecodeState& st = decode::state_as<NhaDecodeState>(state, "nha");
+  const int64_t d = wq->weight.size(1), B = st.batch, H = n_heads, D = d / H, M = slots;
+  const int64_t BH = B * H;
+  decode::check_step_input(x_t, st, d, "nha");
   NHA_CHECK(st.cap == window || st.pos < st.cap)
       << "nha step: token " << st.pos << " does not fit the ring of " << st.cap
       << " tokens (window " << window << "). HINT: raise max_len in decode_state";
   const DType dt = st.Hk.dtype();
-  Projections p = project(x_t, st.pos);
-  for (Tensor* t : {&p.q, &p.k, &p.qr, &p.kr, &p.v, &p.s, &p.g}) *t = t->to(dt).contiguous();
-  Tensor o = Tensor::empty(p.v.shape(), dt);  // [B, 1, H, hd]
-  const double scale = 1.0 / std::sqrt(double(p.q.size(3)));
-  dispatch_floating(o, "nha step", [&]<typename S>() {
-    decode_core<S>(st, o, p.q, p.k, p.qr, p.kr, p.v, p.s, p.g, window, scale);
-  });
+  const Device dev = st.Hk.device();
+  Projections p = project(x_t, st.positions());
+  for (Tensor* t : {&p.q, &p.k, &p.qr, &p.kr, &p.v, &p.s}) *t = t->to(dt).contiguous();
+  Tensor Hk = st.Hk.reshape({BH, D, M}), Hv = st.Hv.reshape({BH, M, D});
+  if (window == 0) {
+    nha_memory_write(Hk, Hv, p.k, p.v, p.s);  // unshifted: the token itself, before the read
+  } else {
+    if (st.cap == window) {  // token pos - w leaves the window (an empty slot: a no-op)
+      const int64_t slot = st.pos % st.cap;
+      nha_memory_write(Hk, Hv, st.k.slice(0, slot, slot + 1), st.v.slice(0, slot, slot + 1),
+                       st.s.slice(0, slot, slot + 1));
+    }
+    decode::ring_write(st.k, st.pos, p.k);
+    decode::ring_write(st.kr, st.pos, p.kr);
+    decode::ring_write(st.v, st.pos, p.v);
+    decode::ring_write(st.s, st.pos, p.s);
+  }
+  // One softmax over [scale q Hk (M slots) ; scale qr . kr_u (the ring)], then
+  // o = p[:M] Hv + p[M:] V_ring.
+  const double scale = 1.0 / std::sqrt(double(D));
+  Backend& be = backend_for(Hk);
+  Tensor z = Tensor::empty({BH, 1, M}, dt, dev);  // slot logits
+  be.gemm(z, p.q.reshape({BH, 1, D}), Hk, false, false, scale, 0.0);
+  const int64_t C = st.cap;
+  if (C > 0)
+    z = nha_concat_cols(z.reshape({BH, M}),
+                        decode::ring_logits(p.qr, st.kr, st, scale).reshape({BH, C}))
+            .reshape({BH, 1, M + C});
+  const Tensor prob = softmax(z);  // [BH, 1, M + C]
+  Tensor o = Tensor::empty({BH, 1, D}, dt, dev);
+  be.gemm(o, prob.slice(2, 0, M).contiguous(), Hv, false, false, 1.0, 0.0);
+  if (C > 0) decode::ring_read(o, prob.slice(2, M, M + C).contiguous(), st.v, 1.0);
   ++st.pos;
-  return output(o.to(x_t.dtype()));
+  return output(o.reshape({B, 1, H, D}).to(x_t.dtype()));  // [B, 1, d]
 }
 
 }  // namespace nha

@@ -13,20 +13,20 @@
 
 namespace nha {
 
-// Generation state of one NHA layer for a batch of B sequences (SPEC-NHA §5); its size does not
-// grow with the number of tokens:
-//   Hk [B, H, hd, M], Hv [B, H, M, hd]   the memory, f32 (f64 for an f64 model)
-//   ring of the last `cap` = min(window, max_len) tokens, token u in slot u % cap (same dtype):
-//     k, kr [B, cap, H, hd]  raw key (memory write) and RoPE'd key (window logits)
-//     v     [B, cap, H, hd]  value after SiLU
-//     g, s  [B, cap, H, M]   log forget gate and write strength
-//   pos: tokens consumed so far = absolute position of the next token.
-// window 0 keeps no ring. Memory per sequence: H*M*2*hd + cap*(3*d + 2*H*M) numbers.
-struct NhaDecodeState {
+// Generation state of one NHA layer for a batch of B rows (SPEC-NHA §5); its size does not grow
+// with the number of tokens. f32 (f64 for an f64 model):
+//   Hk [B, H, hd, M], Hv [B, H, M, hd]   the memory
+//   rings of the last `cap` = min(window, max_len) steps (layers/transformer.h, step t in slot
+//   t % cap; padding and steps not taken yet are zeros, which the memory write treats as no-ops):
+//     k, kr [cap, B, H, hd]  raw key (memory write) and RoPE'd key (window logits)
+//     v     [cap, B, H, hd]  value after SiLU
+//     s     [cap, B, H, M]   write strength; the decay e^g is 1 - s (the layer's s is 1 - e^g)
+//   pos, start: the steps taken and each row's first step (MixerState).
+// window 0 keeps no ring. Memory per row: H*M*2*hd + cap*(3*d + H*M) numbers.
+struct NhaDecodeState : MixerState {
   Tensor Hk, Hv;
-  Tensor k, kr, v, g, s;
+  Tensor k, kr, v, s;
   int64_t cap = 0;
-  int64_t pos = 0;
 };
 
 class NhaMixer : public Mixer {
@@ -37,12 +37,16 @@ class NhaMixer : public Mixer {
   // x [B, T, d] -> [B, T, d]
   Tensor forward(const Tensor& x) const override;
 
-  // Empty state for `batch` sequences of at most `max_len` tokens (max_len only bounds the ring
-  // when window > max_len; with window <= max_len, step() runs for any number of tokens).
+  // Empty state for `batch` rows of at most `max_len` steps (max_len only bounds the ring when
+  // window > max_len; with window <= max_len, step() runs for any number of tokens).
   NhaDecodeState decode_state(int64_t batch, int64_t max_len) const;
-  // One token for every sequence: x_t [B, 1, d] -> [B, 1, d], equal to forward()'s row at
-  // position st.pos. Advances st. CPU only, no autograd.
-  Tensor step(const Tensor& x_t, NhaDecodeState& st) const;
+  std::unique_ptr<MixerState> new_state(int64_t batch, int64_t max_len) const override;
+  // forward() of every prompt; the memory of each row is the prompt's tokens that have left the
+  // window, summed in closed form, and the ring holds the rest.
+  std::vector<Tensor> prefill(const std::vector<Tensor>& xs, MixerState& st) const override;
+  // One token for every row: x_t [B, 1, d] -> [B, 1, d], equal to forward()'s row at each row's
+  // position. Advances st. Backend ops only (CPU and CUDA), no autograd.
+  Tensor step(const Tensor& x_t, MixerState& st) const override;
 
   std::shared_ptr<Linear> wq, wk, wv, wf, wo;
   std::shared_ptr<RMSNorm> out_norm;
@@ -50,12 +54,12 @@ class NhaMixer : public Mixer {
   double rope_base;
 
  private:
-  // The projections of forward() for x [B, T, d] at absolute positions start_pos..:
+  // The projections of forward() for x [B, T, d], row b at absolute positions positions[b]..:
   // {q, k, qr, kr, v [B, T, H, hd], s, g [B, T, H, M]}.
   struct Projections {
     Tensor q, k, qr, kr, v, s, g;
   };
-  Projections project(const Tensor& x, int64_t start_pos) const;
+  Projections project(const Tensor& x, const std::vector<int64_t>& positions) const;
   // y = RMSNorm(SiLU(o)) Wo^T for o [B, T, H, hd].
   Tensor output(const Tensor& o) const;
 };

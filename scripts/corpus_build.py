@@ -372,7 +372,7 @@ SOURCES = [
     ("bible-web", True, lambda r, p: sword(r, "web", True)),
     ("bible-kjv", True, lambda r, p: sword(r, "kjv", True)),
     ("comm-tdavid", False, lambda r, p: sword(r, "tdavid", False)),
-    ("comm-mhcc", True, lambda r, p: sword(r, "mhcc", False)),
+    ("comm-mhcc", False, lambda r, p: sword(r, "mhcc", False)),
     ("comm-scofield", True, lambda r, p: sword(r, "scofield", False)),
     ("cfi", True, lambda r, p: html_tree(r, "usr/share/doc/cfi-en/**/*", p)),
     ("devil", True, lambda r, p: dictd(r, "devil")),

@@ -5,8 +5,10 @@
 #
 # Full: ~60 packages (literature, Bibles and commentaries, dictionaries, fortunes, technical manuals,
 # man and info pages), ~150 MB of text, ~35 M tokens with a 16k BPE (../shared/CORPUS.md).
-# --quick: the small prose-only subset (Bibles, commentaries, a hacker-culture book, two
-# dictionaries, fortunes): a few tens of MB, minutes on 2 cores.
+# --quick: the small prose-only subset (two Bibles, a commentary, a hacker-culture book, two
+# dictionaries, fortunes): ~14 MB of text, ~3.4 M tokens (16k BPE), a few CPU minutes. (The Matthew
+# Henry commentary is full-build only: its 780k raw paragraphs, mostly duplicates and verse
+# references, took 35 of the 48 wall minutes of a quick build on a busy 2-core machine.)
 #
 # Data packages are fetched with `apt-get download` and unpacked into DIR/stage (dpkg-deb -x):
 # nothing of them is installed on the system. Only the tools are installed: mod2imp (libsword-utils),
@@ -42,9 +44,9 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 # Sources (../shared/CORPUS.md). Quick: prose only, small downloads.
-quick_pkgs=(sword-text-web sword-text-kjv sword-comm-mhcc sword-comm-scofield cfi-en dict-devil
+quick_pkgs=(sword-text-web sword-text-kjv sword-comm-scofield cfi-en dict-devil
             dict-jargon fortunes fortunes-min fortune-anarchism)
-full_pkgs=(r-cran-janeaustenr r-cran-tokenizers sword-comm-tdavid
+full_pkgs=(r-cran-janeaustenr r-cran-tokenizers sword-comm-tdavid sword-comm-mhcc
            linux-doc-6.1 python3.11-doc postgresql-doc-15 python-django-doc rust-doc git-doc
            apache2-doc libreoffice-help-en-us gimp-help-en gnome-user-docs r-doc-html bash-doc
            sphinx-doc debian-handbook debian-reference-en manpages manpages-dev perl-doc

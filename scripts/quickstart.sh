@@ -42,9 +42,14 @@ for name in "${runs[@]}"; do
   ./build/nha train "configs/$name.yaml" ${NHA_TRAIN_SET:+--set $NHA_TRAIN_SET}
 done
 
-# 4. Evaluate both: held-out text (perplexity, bits per byte), plus the commonsense tasks when
-#    their files are available.
-tasks="heldout=$work/heldout.txt:text"
+# 4. Evaluate both: held-out text (perplexity, bits per byte), recall from context (passkey in the
+#    held-out prose, fields of this machine's package records; short contexts to suit the tiny
+#    models' 128 tokens, docs/eval.md), plus the commonsense tasks when their files are available.
+recall=runs/data/recall
+python3 scripts/make-recall-tasks.py --prose "$work/heldout.txt" --out "$recall" --rows 200 \
+  --context-words 60 --records-per-row 2
+tasks="heldout=$work/heldout.txt:text,passkey=$recall/passkey.jsonl:contains"
+tasks="$tasks,fields=$recall/debian_fields.jsonl:contains"
 data_dir=${NHA_EVAL_DATA:-data/eval}
 if [[ -s $data_dir/piqa.jsonl ]]; then
   tasks="$tasks,piqa,hellaswag,winogrande,arc_easy,arc_challenge,lambada"

@@ -16,6 +16,7 @@
 
 #include "autograd/node.h"
 #include "core/dtype.h"
+#include "core/fileio.h"
 #include "core/error.h"
 #include "train/optim.h"
 
@@ -146,7 +147,7 @@ class Writer {
     quiet_hdf5();
     const fs::path parent = fs::path(path_).parent_path();
     if (!parent.empty()) fs::create_directories(parent);
-    tmp_ = path_ + ".tmp." + std::to_string(::getpid());
+    tmp_ = temp_path_for(path_);
     Handle fcpl = no_times_plist(H5P_FILE_CREATE, tmp_);
     file_ = Handle(H5_CHECK(H5Fcreate(tmp_.c_str(), H5F_ACC_TRUNC, fcpl, H5P_DEFAULT), tmp_),
                    H5Fclose);

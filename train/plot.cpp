@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/fileio.h"
 #include "train/metrics.h"
 
 namespace fs = std::filesystem;
@@ -214,15 +215,7 @@ void write_loss_plot(const std::vector<std::string>& runs, const std::string& ou
   std::vector<RunCurve> curves;
   for (const std::string& r : runs) curves.push_back(read_run_metrics(r));
   const std::string svg = loss_plot_svg(curves, title);
-  const fs::path parent = fs::path(out_path).parent_path();
-  if (!parent.empty()) fs::create_directories(parent);
-  const std::string tmp = out_path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << svg;
-    NHA_CHECK(out.good()) << "cannot write '" << tmp << "'. HINT: is the directory writable?";
-  }
-  fs::rename(tmp, out_path);
+  write_file_atomic(out_path, svg);
 }
 
 }  // namespace nha

@@ -15,6 +15,7 @@
 
 #include "autograd/node.h"
 #include "data/mqar.h"
+#include "eval/mqar_eval.h"
 #include "train/autocast.h"
 #include "train/schedule.h"
 
@@ -406,18 +407,8 @@ ValStats Trainer::validate() {
     } else {
       Tensor logits = model_->forward(x);  // [B, T, V]
       const int64_t V = logits.size(-1);
-      Tensor flat = logits.reshape({-1, V});
-      loss_sum += cross_entropy(flat, y.reshape({-1})).item<double>() * double(n);
-      std::vector<float> l = flat.to(DType::F32).to_vector<float>();
-      std::vector<int32_t> tg = b.targets.to_vector<int32_t>();
-      for (size_t r = 0; r < tg.size(); ++r) {
-        if (tg[r] == data::kIgnoreIndex) continue;
-        const float* row = l.data() + r * size_t(V);
-        int64_t best = 0;
-        for (int64_t c = 1; c < V; ++c)
-          if (row[c] > row[best]) best = c;
-        correct += best == tg[r];
-      }
+      loss_sum += cross_entropy(logits.reshape({-1, V}), y.reshape({-1})).item<double>() * double(n);
+      correct += eval::count_correct_predictions(logits, b.targets).correct;
     }
     v.tokens += n;
   };

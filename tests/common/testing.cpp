@@ -1,8 +1,12 @@
 #include "common/testing.h"
 
+#include <unistd.h>
+
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <limits>
+#include <sstream>
 
 namespace nha::testing {
 
@@ -104,6 +108,21 @@ void expect_error(const std::function<void()>& fn, const std::vector<std::string
 std::string shared_data(const std::string& relative) {
   std::filesystem::path p = std::filesystem::path(NHA_SHARED_DATA) / relative;
   return std::filesystem::exists(p) ? p.string() : std::string();
+}
+
+std::string temp_dir(const std::string& name) {
+  namespace fs = std::filesystem;
+  fs::path p = fs::temp_directory_path() / ("nha_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p.string();
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
 }
 
 }  // namespace nha::testing

@@ -39,4 +39,10 @@ void expect_error(const std::function<void()>& fn, const std::vector<std::string
 // Path of a file under ../shared/data, or "" when the shared data is absent (test then skips).
 std::string shared_data(const std::string& relative);
 
+// A fresh, empty directory under the system temp dir, unique per process (ctest runs tests as
+// separate processes, possibly in parallel): nha_test_<name>_<pid>.
+std::string temp_dir(const std::string& name);
+// The whole file as bytes ("" when it cannot be read).
+std::string read_file(const std::string& path);
+
 }  // namespace nha::testing

@@ -20,26 +20,13 @@ namespace nha::data {
 namespace {
 
 using testing::expect_error;
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using testing::read_file;
+using testing::temp_dir;
 
 void write_file(const std::string& path, const std::string& bytes) {
   fs::create_directories(fs::path(path).parent_path());
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << bytes;
-}
-
-// A fresh directory per test (ctest runs tests as separate processes, possibly in parallel).
-std::string temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("nha_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p.string();
 }
 
 // Tiny tokenizer (vocab 400) on the first 3000 lines of tinyshakespeare: well under a second.
