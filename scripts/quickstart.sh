@@ -4,7 +4,7 @@
 #   token shards; train a small NHA model and a same-size Transformer++ (on the GPU when there is
 #   one, else on the CPU); evaluate both; print a comparison table and the loss plot's path.
 #
-#   scripts/quickstart.sh                 everything (CPU: about 15-20 minutes on 2 cores)
+#   scripts/quickstart.sh                 everything (CPU: an estimated 15-20 minutes on 2 cores after the build)
 #   NHA_CORPUS=path/corpus.txt[.zst] scripts/quickstart.sh    use this text instead of get-corpus
 #   NHA_EVAL_DATA=../shared/data/eval scripts/quickstart.sh   also run the commonsense tasks
 #   NHA_EVAL_LIMIT=500 (rows per task), NHA_SKIP_SETUP=1 (no apt-get: offline machines)
