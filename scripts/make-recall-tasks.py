@@ -48,12 +48,16 @@ def sha256_of(path):
     return h.hexdigest()
 
 
-def write_jsonl_atomic(path, rows):
+def write_atomic(path, text):
+    """Writes to a temporary name, then renames: readers never see half a file."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def jsonl(rows):
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 # ---- passkey in prose ----------------------------------------------------------------------------
@@ -181,8 +185,8 @@ def main():
     # Separate streams, so changing one task's options leaves the other's rows as they were.
     passkey = passkey_rows(paragraphs, a.rows, a.context_words, random.Random(f"passkey-{a.seed}"))
     fields = field_rows(records, a.rows, a.records_per_row, random.Random(f"fields-{a.seed}"))
-    write_jsonl_atomic(os.path.join(a.out, "passkey.jsonl"), passkey)
-    write_jsonl_atomic(os.path.join(a.out, "debian_fields.jsonl"), fields)
+    write_atomic(os.path.join(a.out, "passkey.jsonl"), jsonl(passkey))
+    write_atomic(os.path.join(a.out, "debian_fields.jsonl"), jsonl(fields))
     manifest = {
         "inputs": {name: {"path": path, "bytes": os.path.getsize(path), "sha256": sha256_of(path)}
                    for name, path in (("prose", a.prose), ("records", a.records))},
@@ -190,10 +194,7 @@ def main():
                     "records_per_row": a.records_per_row, "seed": a.seed},
         "tasks": {"passkey": len(passkey), "debian_fields": len(fields)},
     }
-    tmp = os.path.join(a.out, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, os.path.join(a.out, "manifest.json"))
+    write_atomic(os.path.join(a.out, "manifest.json"), json.dumps(manifest, indent=2))
     print(f"make-recall-tasks: {len(passkey)} passkey rows ({a.context_words} words of prose each), "
           f"{len(fields)} debian_fields rows ({a.records_per_row} records each) in {a.out}")
 

@@ -341,9 +341,8 @@ StepStats Trainer::train_step() {
     // The guard below must decide alike on every rank: it sees the global mean loss (every rank
     // runs the same number of micro-batches) and the averaged gradients. A stop request on any
     // rank (Ctrl-C, SIGTERM) stops all of them before the next step.
-    const bool stop = stop_requested_ || (options_.stop_flag && *options_.stop_flag);
     const std::vector<double> r = group_->all_reduce_sum(
-        {st.loss, stop ? 1.0 : 0.0}, "the loss all-reduce of step " + std::to_string(step_));
+        {st.loss, stop_requested_here() ? 1.0 : 0.0}, "the loss all-reduce of step " + std::to_string(step_));
     st.loss = r[0] / double(world_);
     agreed_stop_ = r[1] > 0;
   }
@@ -384,10 +383,11 @@ void Trainer::zero_grad() {
   else optimizer_->zero_grad();
 }
 
-bool Trainer::stop_now() const {
-  if (group_) return agreed_stop_;
+bool Trainer::stop_requested_here() const {
   return stop_requested_ || (options_.stop_flag && *options_.stop_flag);
 }
+
+bool Trainer::stop_now() const { return group_ ? agreed_stop_ : stop_requested_here(); }
 
 ValStats Trainer::validate() {
   ValStats v;

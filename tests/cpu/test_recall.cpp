@@ -116,12 +116,18 @@ class RecallTaskFiles : public ::testing::Test {
               << "@example.org>\nInstalled-Size: " << 1000 + 37 * r
               << "\nDescription: the package number " << r << "\n long text left out\n\n";
   }
+  // Runs scripts/make-recall-tasks.py with `args`; its exit status (output in dir_/log.txt).
+  int run_script(const std::string& args) {
+    const std::string cmd = std::string("python3 ") + NHA_SOURCE_DIR +
+                            "/scripts/make-recall-tasks.py " + args + " > " + dir_ + "/log.txt 2>&1";
+    return std::system(cmd.c_str());
+  }
   std::string run(const std::string& out, int seed) {
-    const std::string cmd = std::string("python3 ") + NHA_SOURCE_DIR + "/scripts/make-recall-tasks.py" +
-                            " --prose " + dir_ + "/prose.txt --records " + dir_ + "/status --out " +
-                            out + " --rows 40 --context-words 100 --records-per-row 5 --seed " +
-                            std::to_string(seed) + " > " + dir_ + "/log.txt 2>&1";
-    EXPECT_EQ(std::system(cmd.c_str()), 0) << testing::read_file(dir_ + "/log.txt");
+    EXPECT_EQ(run_script("--prose " + dir_ + "/prose.txt --records " + dir_ + "/status --out " + out +
+                         " --rows 40 --context-words 100 --records-per-row 5 --seed " +
+                         std::to_string(seed)),
+              0)
+        << testing::read_file(dir_ + "/log.txt");
     return testing::read_file(out + "/passkey.jsonl") + testing::read_file(out + "/debian_fields.jsonl");
   }
   static size_t count(const std::string& s, const std::string& what) {
@@ -175,10 +181,9 @@ TEST_F(RecallTaskFiles, RowsAreAnswerableDeterministicAndLoadAsContainsTasks) {
 }
 
 TEST_F(RecallTaskFiles, MissingInputsAreNamed) {
-  const std::string cmd = std::string("python3 ") + NHA_SOURCE_DIR +
-                          "/scripts/make-recall-tasks.py --prose " + dir_ + "/none.txt --records " +
-                          dir_ + "/status --out " + dir_ + "/x > " + dir_ + "/log.txt 2>&1";
-  EXPECT_NE(std::system(cmd.c_str()), 0);
+  EXPECT_NE(run_script("--prose " + dir_ + "/none.txt --records " + dir_ + "/status --out " + dir_ +
+                       "/x"),
+            0);
   const std::string log = testing::read_file(dir_ + "/log.txt");
   EXPECT_NE(log.find("none.txt"), std::string::npos) << log;
   EXPECT_NE(log.find("HINT"), std::string::npos) << log;
