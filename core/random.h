@@ -74,4 +74,20 @@ class Generator {
   uint64_t offset_ = 0;
 };
 
+// While a SkipInitGuard is alive (on this thread), Tensor::randn and Tensor::rand return
+// uninitialised tensors and only advance the generator (later draws are unchanged): for models
+// whose weights are overwritten right away (loaded from a checkpoint) or only counted. Drawing the
+// normals of a 125M model costs seconds on a fast CPU core and minutes on a small VM. Like
+// PyTorch's skip_init / HF's no_init_weights.
+class SkipInitGuard {
+ public:
+  SkipInitGuard();
+  ~SkipInitGuard();
+  SkipInitGuard(const SkipInitGuard&) = delete;
+  SkipInitGuard& operator=(const SkipInitGuard&) = delete;
+
+ private:
+  bool prev_;
+};
+
 }  // namespace nha

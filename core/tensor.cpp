@@ -75,16 +75,24 @@ template Tensor Tensor::from_vector(const std::vector<bf16>&, const Shape&, Devi
 template Tensor Tensor::from_vector(const std::vector<int32_t>&, const Shape&, Device);
 template Tensor Tensor::from_vector(const std::vector<int64_t>&, const Shape&, Device);
 
+namespace {
+thread_local bool skip_init_active = false;
+}  // namespace
+SkipInitGuard::SkipInitGuard() : prev_(skip_init_active) { skip_init_active = true; }
+SkipInitGuard::~SkipInitGuard() { skip_init_active = prev_; }
+
 Tensor Tensor::randn(const Shape& shape, Generator& gen, double std, DType dtype, Device device) {
   Tensor t = empty(shape, dtype, device);
-  backend_for(device).fill_normal(t, gen.seed(), gen.advance(uint64_t(t.numel())), std);
+  const uint64_t offset = gen.advance(uint64_t(t.numel()));
+  if (!skip_init_active) backend_for(device).fill_normal(t, gen.seed(), offset, std);
   return t;
 }
 
 Tensor Tensor::rand(const Shape& shape, Generator& gen, double lo, double hi, DType dtype,
                     Device device) {
   Tensor t = empty(shape, dtype, device);
-  backend_for(device).fill_uniform(t, gen.seed(), gen.advance(uint64_t(t.numel())), lo, hi);
+  const uint64_t offset = gen.advance(uint64_t(t.numel()));
+  if (!skip_init_active) backend_for(device).fill_uniform(t, gen.seed(), offset, lo, hi);
   return t;
 }
 

@@ -44,7 +44,8 @@ class Tensor {
   template <typename T>
   static Tensor from_vector(const std::vector<T>& values, const Shape& shape,
                             Device device = Device::cpu());
-  // N(0, std^2) / U[lo, hi) from the counter-based generator: same numbers on every device.
+  // N(0, std^2) / U[lo, hi) from the counter-based generator: same numbers on every device
+  // (uninitialised, the generator still advanced, under a SkipInitGuard: core/random.h).
   static Tensor randn(const Shape& shape, Generator& gen, double std = 1.0,
                       DType dtype = DType::F32, Device device = Device::cpu());
   static Tensor rand(const Shape& shape, Generator& gen, double lo = 0.0, double hi = 1.0,

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "autograd/node.h"
+#include "core/random.h"
 #include "train/autocast.h"
 #include "train/checkpoint.h"
 
@@ -20,7 +21,10 @@ LoadedModel load_model(const std::string& path, Device device) {
   const TrainState state = read_train_state(m.checkpoint);
   m.step = state.step;
   m.tokens_seen = state.tokens_seen;
-  m.model = std::make_shared<LanguageModel>(m.config.model, m.config.train.seed);
+  {
+    SkipInitGuard loaded_next;  // every parameter is overwritten below (a missing one is an error)
+    m.model = std::make_shared<LanguageModel>(m.config.model, m.config.train.seed);
+  }
   const std::map<std::string, Tensor> saved = read_parameters(m.checkpoint);
   for (const NamedParameter& p : m.model->named_parameters()) {
     auto it = saved.find(p.name);

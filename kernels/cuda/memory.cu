@@ -96,7 +96,7 @@ __global__ void fill_uniform_kernel(void* out, DType t, int64_t n, uint64_t seed
     store_double(out, t, i, philox_uniform(seed, offset + uint64_t(i), lo, hi));
 }
 
-constexpr int kThreads = 256;
+constexpr int kCopyThreads = 256;
 
 }  // namespace
 
@@ -124,21 +124,21 @@ void CudaBackend::copy_strided(Tensor& out, const Tensor& in) {
     layout.shape[d] = in.shape()[d];
     layout.strides[d] = in.strides()[d];
   }
-  const unsigned grid = grid_for(n, kThreads);
+  const unsigned grid = grid_for(n, kCopyThreads);
   cudaStream_t st = current_stream(dev);
   switch (es) {
     case 2:
-      copy_strided_kernel<<<grid, kThreads, 0, st>>>(static_cast<uint16_t*>(out.data_ptr()),
+      copy_strided_kernel<<<grid, kCopyThreads, 0, st>>>(static_cast<uint16_t*>(out.data_ptr()),
                                                      static_cast<const uint16_t*>(in.data_ptr()),
                                                      n, layout);
       break;
     case 4:
-      copy_strided_kernel<<<grid, kThreads, 0, st>>>(static_cast<uint32_t*>(out.data_ptr()),
+      copy_strided_kernel<<<grid, kCopyThreads, 0, st>>>(static_cast<uint32_t*>(out.data_ptr()),
                                                      static_cast<const uint32_t*>(in.data_ptr()),
                                                      n, layout);
       break;
     case 8:
-      copy_strided_kernel<<<grid, kThreads, 0, st>>>(static_cast<uint64_t*>(out.data_ptr()),
+      copy_strided_kernel<<<grid, kCopyThreads, 0, st>>>(static_cast<uint64_t*>(out.data_ptr()),
                                                      static_cast<const uint64_t*>(in.data_ptr()),
                                                      n, layout);
       break;
@@ -159,7 +159,7 @@ void CudaBackend::fill(Tensor& out, double value) {
       return;
     }
   }
-  fill_kernel<<<grid_for(n, kThreads), kThreads, 0, current_stream(dev)>>>(out.data_ptr(),
+  fill_kernel<<<grid_for(n, kCopyThreads), kCopyThreads, 0, current_stream(dev)>>>(out.data_ptr(),
                                                                           out.dtype(), n, value);
   CUDA_CHECK_LAUNCH();
 }
@@ -177,7 +177,7 @@ void CudaBackend::cast(Tensor& out, const Tensor& in) {
                                cudaMemcpyDeviceToDevice, current_stream(dev)));
     return;
   }
-  cast_kernel<<<grid_for(n, kThreads), kThreads, 0, current_stream(dev)>>>(
+  cast_kernel<<<grid_for(n, kCopyThreads), kCopyThreads, 0, current_stream(dev)>>>(
       out.data_ptr(), out.dtype(), in.data_ptr(), in.dtype(), n);
   CUDA_CHECK_LAUNCH();
 }
@@ -188,7 +188,7 @@ void CudaBackend::fill_normal(Tensor& out, uint64_t seed, uint64_t offset, doubl
   const int64_t n = out.numel();
   if (n == 0) return;
   DeviceGuard guard(dev);
-  fill_normal_kernel<<<grid_for(n, kThreads), kThreads, 0, current_stream(dev)>>>(
+  fill_normal_kernel<<<grid_for(n, kCopyThreads), kCopyThreads, 0, current_stream(dev)>>>(
       out.data_ptr(), out.dtype(), n, seed, offset, std);
   CUDA_CHECK_LAUNCH();
 }
@@ -199,7 +199,7 @@ void CudaBackend::fill_uniform(Tensor& out, uint64_t seed, uint64_t offset, doub
   const int64_t n = out.numel();
   if (n == 0) return;
   DeviceGuard guard(dev);
-  fill_uniform_kernel<<<grid_for(n, kThreads), kThreads, 0, current_stream(dev)>>>(
+  fill_uniform_kernel<<<grid_for(n, kCopyThreads), kCopyThreads, 0, current_stream(dev)>>>(
       out.data_ptr(), out.dtype(), n, seed, offset, lo, hi);
   CUDA_CHECK_LAUNCH();
 }

@@ -20,7 +20,7 @@ using namespace cuda;
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kSoftmaxThreads = 256;
 
 // Online (max, sum) of row[0..C) * log2(e), VEC elements per load.
 template <typename T, int VEC>
@@ -207,7 +207,7 @@ void CudaBackend::softmax_forward(Tensor& out, const Tensor& x) {
     T* o = static_cast<T*>(out.data_ptr());
     const T* px = static_cast<const T*>(x.data_ptr());
     with_vec<T>(C, {o, px}, [&]<int VEC>() {
-      softmax_forward_kernel<T, VEC><<<unsigned(N), kThreads, 0, current_stream(dev)>>>(o, px, C);
+      softmax_forward_kernel<T, VEC><<<unsigned(N), kSoftmaxThreads, 0, current_stream(dev)>>>(o, px, C);
       CUDA_CHECK_LAUNCH();
     });
   });
@@ -224,7 +224,7 @@ void CudaBackend::argmax(Tensor& out, const Tensor& x) {
   NHA_CHECK(N < (1LL << 31)) << "argmax: too many rows in " << x.str();
   DeviceGuard guard(dev);
   dispatch_f32_bf16(x, "argmax", [&]<typename T>() {
-    argmax_kernel<T><<<unsigned(N), kThreads, 0, current_stream(dev)>>>(
+    argmax_kernel<T><<<unsigned(N), kSoftmaxThreads, 0, current_stream(dev)>>>(
         static_cast<int64_t*>(out.data_ptr()), static_cast<const T*>(x.data_ptr()), C);
     CUDA_CHECK_LAUNCH();
   });
@@ -246,7 +246,7 @@ void CudaBackend::softmax_backward(Tensor& dx, const Tensor& dout, const Tensor&
     T* d = static_cast<T*>(dx.data_ptr());
     const T *g = static_cast<const T*>(dout.data_ptr()), *y = static_cast<const T*>(out.data_ptr());
     with_vec<T>(C, {d, g, y}, [&]<int VEC>() {
-      softmax_backward_kernel<T, VEC><<<unsigned(N), kThreads, 0, current_stream(dev)>>>(d, g, y,
+      softmax_backward_kernel<T, VEC><<<unsigned(N), kSoftmaxThreads, 0, current_stream(dev)>>>(d, g, y,
                                                                                         C);
       CUDA_CHECK_LAUNCH();
     });
@@ -272,7 +272,7 @@ void CudaBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits,
     dispatch_targets(targets, "cross_entropy_forward", [&]<typename I>() {
       const T* x = static_cast<const T*>(logits.data_ptr());
       with_vec<T>(V, {x}, [&]<int VEC>() {
-        cross_entropy_forward_kernel<T, I, VEC><<<unsigned(N), kThreads, 0, current_stream(dev)>>>(
+        cross_entropy_forward_kernel<T, I, VEC><<<unsigned(N), kSoftmaxThreads, 0, current_stream(dev)>>>(
             static_cast<float*>(losses.data_ptr()), x, static_cast<const I*>(targets.data_ptr()),
             V, ignore_index, err);
         CUDA_CHECK_LAUNCH();
@@ -307,7 +307,7 @@ void CudaBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
       const T* x = static_cast<const T*>(logits.data_ptr());
       with_vec<T>(V, {d, x}, [&]<int VEC>() {
         cross_entropy_backward_kernel<T, I, VEC>
-            <<<unsigned(N), kThreads, 0, current_stream(dev)>>>(
+            <<<unsigned(N), kSoftmaxThreads, 0, current_stream(dev)>>>(
                 d, x, static_cast<const I*>(targets.data_ptr()),
                 static_cast<const float*>(dlosses.data_ptr()), V, ignore_index, err);
         CUDA_CHECK_LAUNCH();

@@ -86,6 +86,26 @@ TEST(Random, GeneratorIsDeterministicAndAdvances) {
   }
 }
 
+TEST(Random, SkipInitLeavesTensorsUnfilledAndTheStreamUnchanged) {
+  Generator plain(7), skipping(7);
+  const Tensor drawn = Tensor::randn({4096}, plain);
+  Tensor skipped;
+  {
+    SkipInitGuard outer;
+    {
+      SkipInitGuard inner;
+    }  // an inner guard's end must not end the outer one
+    skipped = Tensor::randn({4096}, skipping);
+  }
+  EXPECT_EQ(skipping.offset(), plain.offset());
+  // Not filled: a fresh buffer holds whatever the allocator had (zeros from the OS, or old data),
+  // not this stream's normals.
+  EXPECT_NE(skipped.to_vector<float>(), drawn.to_vector<float>());
+  // Later draws are the same with and without the skip, and the guard is gone.
+  EXPECT_EQ(Tensor::randn({100}, skipping).to_vector<float>(),
+            Tensor::randn({100}, plain).to_vector<float>());
+}
+
 TEST(Errors, NameFileLineAndMessage) {
   try {
     NHA_CHECK(1 + 1 == 3) << "arithmetic is " << "broken";
