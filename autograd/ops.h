@@ -19,6 +19,12 @@ inline Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
 inline Tensor operator*(const Tensor& a, double s) { return scale(a, s); }
 inline Tensor operator*(double s, const Tensor& a) { return scale(a, s); }
 
+// ---- casts (Tensor::to is the ordinary one) -----------------------------------------------------
+// x.to(copy.dtype()) where `copy` (same shape and device) already holds exactly those values: a
+// weight copy kept current by its owner (AdamW's bf16 copy, train/autocast.h). Returns an alias of
+// `copy`, recorded with x.to()'s backward: the gradient is cast back to x's dtype and reaches x.
+Tensor cast_alias(const Tensor& x, const Tensor& copy);
+
 // ---- reductions ---------------------------------------------------------------------------------
 Tensor sum(const Tensor& a);                               // scalar (shape [])
 Tensor mean(const Tensor& a);                              // scalar
@@ -35,6 +41,10 @@ Tensor linear(const Tensor& x, const Tensor& weight);
 Tensor embedding(const Tensor& table, const Tensor& ids);
 // x [..., C], weight [C] -> [..., C]
 Tensor rmsnorm(const Tensor& x, const Tensor& weight, double eps);
+// The residual add and the RMSNorm after it in one kernel (pre-norm blocks):
+// x, delta [..., C], weight [C] -> {h = x + delta, rmsnorm(h, weight, eps)}, both [..., C].
+std::pair<Tensor, Tensor> add_rmsnorm(const Tensor& x, const Tensor& delta, const Tensor& weight,
+                                      double eps);
 // x [B, T, H, D] -> rotated by position start_pos + t (rotate-half, see kernels/backend.h)
 Tensor rope(const Tensor& x, double base = 10000.0, int64_t start_pos = 0);
 Tensor silu(const Tensor& x);

@@ -37,6 +37,14 @@ void Backend::rmsnorm_backward(Tensor&, Tensor&, const Tensor&, const Tensor&, c
                                const Tensor&) {
   NHA_MISSING(rmsnorm_backward);
 }
+void Backend::add_rmsnorm_forward(Tensor&, Tensor&, Tensor&, const Tensor&, const Tensor&,
+                                  const Tensor&, double) {
+  NHA_MISSING(add_rmsnorm_forward);
+}
+void Backend::add_rmsnorm_backward(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const Tensor&, const Tensor&) {
+  NHA_MISSING(add_rmsnorm_backward);
+}
 void Backend::rope(Tensor&, const Tensor&, double, int64_t, bool) { NHA_MISSING(rope); }
 void Backend::silu_forward(Tensor&, const Tensor&) { NHA_MISSING(silu_forward); }
 void Backend::silu_backward(Tensor&, const Tensor&, const Tensor&) { NHA_MISSING(silu_backward); }
@@ -85,6 +93,10 @@ void Backend::cross_entropy_backward(Tensor&, const Tensor&, const Tensor&, cons
 void Backend::adamw_step(Tensor&, const Tensor&, Tensor&, Tensor&, double, double, double, double,
                          double, int64_t) {
   NHA_MISSING(adamw_step);
+}
+void Backend::adamw_step_flat(Tensor&, const Tensor&, Tensor&, Tensor&, Tensor&, const Tensor&,
+                              double, double, double, double, double, int64_t) {
+  NHA_MISSING(adamw_step_flat);
 }
 
 namespace {

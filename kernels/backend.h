@@ -13,7 +13,7 @@
 //  * statistics and losses (rstd, lse, per-row losses and dlosses, sum_squares' output) are f32 when
 //    the floating inputs are bf16 (f64 for f64 inputs on the CPU). The CUDA backend also accepts, for
 //    mixed precision: an f32 c in gemm with bf16 a, b; an f32 out in sum_dim with bf16 in; an f32 dw
-//    in rmsnorm_backward with bf16 x, w; dlogits aliasing logits in cross_entropy_backward
+//    in (add_)rmsnorm_backward with bf16 x, w; dlogits aliasing logits in cross_entropy_backward
 //    (docs/cuda.md).
 #pragma once
 #include <cstdint>
@@ -78,6 +78,19 @@ class Backend {
   // dx = rstd * (w*dout - xhat * mean_c(xhat * w * dout)), xhat = x * rstd;  dw = sum_n dout*xhat
   virtual void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x,
                                 const Tensor& w, const Tensor& rstd);
+  // RMSNorm fused with the residual add before it (the pre-norm block: h = x + mixer(...), then
+  // the MLP's norm of h), one pass over the rows instead of two:
+  //   h = x + delta;  rstd[n] = 1 / sqrt(mean_c h[n,c]^2 + eps);  out[n,c] = h[n,c] rstd[n] w[c]
+  // x, delta, h, out [N, C]; w [C]; rstd [N]. The norm reads h as stored (rounded to its dtype), so
+  // h, out and rstd are those of add() followed by rmsnorm_forward().
+  virtual void add_rmsnorm_forward(Tensor& h, Tensor& out, Tensor& rstd, const Tensor& x,
+                                   const Tensor& delta, const Tensor& w, double eps);
+  // With dh the gradient arriving at h itself (the residual path) and dout the one at out:
+  //   dx = dh + rstd * (w*dout - hhat * mean_c(hhat * w * dout)), hhat = h * rstd
+  // which is the gradient of x and of delta alike (h = x + delta);  dw = sum_n dout * hhat.
+  // dx, dout, dh, h [N, C]; w, dw [C]; rstd [N].
+  virtual void add_rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& dh,
+                                    const Tensor& h, const Tensor& w, const Tensor& rstd);
 
   // ---- rotary position embedding (rotate-half / NeoX) -------------------------------------------
   // x, out [B, T, H, D]; for i < D/2 with angle = (start_pos + t) * base^(-2i/D):
@@ -169,6 +182,16 @@ class Backend {
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr,
                           double beta1, double beta2, double eps, double weight_decay,
                           int64_t step);
+  // The same update for many parameters laid out in flat buffers, in one pass (train/optim.h):
+  // params, grads, m, v [total] (one dtype: f32, or f64 on the CPU); segments [S, 3] i64 on the
+  // params' device, row s = (offset, numel, decay): elements [offset, offset + numel) get
+  // adamw_step's update with weight decay `weight_decay` where decay != 0 and none where it is 0.
+  // Segments must not overlap; elements outside every segment are not read or written.
+  // copy [total] bf16 (f32 params only) or undefined: where defined, every updated element's new
+  // value is also written there, rounded to bf16 (the compute copy of fp32 master weights).
+  virtual void adamw_step_flat(Tensor& params, const Tensor& grads, Tensor& m, Tensor& v,
+                               Tensor& copy, const Tensor& segments, double lr, double beta1,
+                               double beta2, double eps, double weight_decay, int64_t step);
 
   // ---- device-wide ------------------------------------------------------------------------------
   virtual void synchronize() {}

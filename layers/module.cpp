@@ -85,6 +85,10 @@ RMSNorm::RMSNorm(int64_t dim, double eps_) : eps(eps_) {
 
 Tensor RMSNorm::forward(const Tensor& x) const { return rmsnorm(x, weight, eps); }
 
+std::pair<Tensor, Tensor> RMSNorm::forward_residual(const Tensor& x, const Tensor& delta) const {
+  return add_rmsnorm(x, delta, weight, eps);
+}
+
 SwiGLU::SwiGLU(int64_t d, int64_t hidden, double init_std, double out_scale, Generator& gen) {
   gate = register_module("gate", std::make_shared<Linear>(d, hidden, init_std, gen));
   up = register_module("up", std::make_shared<Linear>(d, hidden, init_std, gen));

@@ -77,6 +77,8 @@ class RMSNorm : public Module {
  public:
   RMSNorm(int64_t dim, double eps);
   Tensor forward(const Tensor& x) const;
+  // The residual add before the norm, fused with it: {h = x + delta, forward(h)}.
+  std::pair<Tensor, Tensor> forward_residual(const Tensor& x, const Tensor& delta) const;
   Tensor weight;  // [C]
   double eps;
 };

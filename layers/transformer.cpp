@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 #include "autograd/node.h"
 #include "kernels/backend.h"
@@ -228,26 +229,29 @@ Block::Block(const ModelConfig& cfg, int64_t layer, Generator& gen) {
                                                         cfg.init_std, out_scale, gen));
 }
 
-Tensor Block::forward(const Tensor& x) const {
-  Tensor h = x + mixer->forward(mixer_norm->forward(x));
-  return h + mlp->forward(mlp_norm->forward(h));
+std::pair<Tensor, Tensor> Block::forward(const Tensor& x, const Tensor& xn,
+                                         const RMSNorm& next_norm) const {
+  const auto [h, hn] = mlp_norm->forward_residual(x, mixer->forward(xn));  // [B, T, d] each
+  return next_norm.forward_residual(h, mlp->forward(hn));
 }
 
+// The decode paths fuse the add with mlp_norm only: their outputs go to the next layer's prefill
+// or step, which norms them itself.
 std::vector<Tensor> Block::prefill(const std::vector<Tensor>& xs, MixerState& st) const {
   std::vector<Tensor> normed;
   for (const Tensor& x : xs) normed.push_back(mixer_norm->forward(x));
   const std::vector<Tensor> mixed = mixer->prefill(normed, st);
   std::vector<Tensor> out;
   for (size_t b = 0; b < xs.size(); ++b) {
-    Tensor h = xs[b] + mixed[b];
-    out.push_back(h + mlp->forward(mlp_norm->forward(h)));
+    const auto [h, hn] = mlp_norm->forward_residual(xs[b], mixed[b]);
+    out.push_back(h + mlp->forward(hn));
   }
   return out;
 }
 
 Tensor Block::step(const Tensor& x_t, MixerState& st) const {
-  Tensor h = x_t + mixer->step(mixer_norm->forward(x_t), st);
-  return h + mlp->forward(mlp_norm->forward(h));
+  const auto [h, hn] = mlp_norm->forward_residual(x_t, mixer->step(mixer_norm->forward(x_t), st));
+  return h + mlp->forward(hn);
 }
 
 // ---- language model -----------------------------------------------------------------------------
@@ -266,15 +270,23 @@ LanguageModel::LanguageModel(const ModelConfig& cfg, uint64_t seed) : cfg_(cfg) 
                                                                   cfg.init_std, gen));
 }
 
-Tensor LanguageModel::head(const Tensor& x) const {
-  return linear(norm->forward(x), lm_head ? lm_head->weight : embed->weight);  // [B, T, V]
+Tensor LanguageModel::head(const Tensor& x) const { return logits(norm->forward(x)); }
+
+Tensor LanguageModel::logits(const Tensor& xn) const {
+  return linear(xn, lm_head ? lm_head->weight : embed->weight);  // [B, T, V]
 }
 
 Tensor LanguageModel::forward(const Tensor& ids) const {
   NHA_CHECK(ids.dim() == 2) << "model input must be token ids [B, T], got " << ids.str();
-  Tensor x = embed->forward(ids);  // [B, T, d]
-  for (const auto& block : layers) x = block->forward(x);
-  return head(x);
+  Tensor x = embed->forward(ids);                 // [B, T, d] the residual stream
+  Tensor xn = layers[0]->mixer_norm->forward(x);  // [B, T, d] its norm for the next mixer
+  // Each block returns the stream and its norm by the following block's mixer_norm (the final
+  // norm after the last block), computed with the block's last residual add (Block::forward).
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const RMSNorm& next = i + 1 < layers.size() ? *layers[i + 1]->mixer_norm : *norm;
+    std::tie(x, xn) = layers[i]->forward(x, xn, next);
+  }
+  return logits(xn);
 }
 
 Tensor LanguageModel::loss(const Tensor& ids, const Tensor& targets) const {

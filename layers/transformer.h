@@ -122,8 +122,13 @@ class Attention : public Mixer {
 class Block : public Module {
  public:
   Block(const ModelConfig& cfg, int64_t layer, Generator& gen);
-  Tensor forward(const Tensor& x) const;
-  // The same per prompt xs[b] [1, T_b, d] (filling the mixer's state), and for one step [B, 1, d].
+  // x [B, T, d] and xn = mixer_norm(x) -> {y, next_norm(y)} with h = x + mixer(xn) and
+  // y = h + mlp(mlp_norm(h)). Each residual add runs fused with the RMSNorm after it
+  // (add_rmsnorm): mlp_norm inside the block, and the next block's mixer_norm (or the final norm)
+  // across blocks, which is why the caller hands in xn and the norm that follows.
+  std::pair<Tensor, Tensor> forward(const Tensor& x, const Tensor& xn,
+                                    const RMSNorm& next_norm) const;
+  // y for each prompt xs[b] [1, T_b, d] (filling the mixer's state), and for one step [B, 1, d].
   std::vector<Tensor> prefill(const std::vector<Tensor>& xs, MixerState& st) const;
   Tensor step(const Tensor& x_t, MixerState& st) const;
 
@@ -171,6 +176,8 @@ class LanguageModel : public Module {
  private:
   // logits [B, T, V] of the last block's output x [B, T, d]: lm_head(RMSNorm(x))
   Tensor head(const Tensor& x) const;
+  // lm_head(xn) for xn = RMSNorm(x) [B, T, d] already normed -> [B, T, V]
+  Tensor logits(const Tensor& xn) const;
   ModelConfig cfg_;
 };
 

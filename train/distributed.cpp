@@ -319,6 +319,41 @@ BucketPlan plan_buckets(const std::vector<int64_t>& numels, int64_t bucket_eleme
   return plan;
 }
 
+FlatGrads::FlatGrads(const std::vector<Tensor>& params, int64_t bucket_elements)
+    : params_(params) {
+  std::vector<int64_t> numels;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Tensor& p = params_[i];
+    NHA_CHECK(p.defined() && is_floating(p.dtype()) && p.is_contiguous() &&
+              p.dtype() == params_[0].dtype() && p.device() == params_[0].device())
+        << "flat gradients: parameter " << i << " is " << (p.defined() ? p.str() : "undefined")
+        << ", expected a contiguous tensor of the first one's dtype and device ("
+        << params_[0].str() << ")";
+    numels.push_back(p.numel());
+  }
+  plan_ = plan_buckets(numels, bucket_elements);
+  const DType dtype = params_.empty() ? DType::F32 : params_[0].dtype();
+  const Device device = params_.empty() ? Device::cpu() : params_[0].device();
+  flat_ = Tensor::zeros({plan_.total}, dtype, device);  // (total,)
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Shape& shape = params_[i].shape();
+    views_.push_back(make_view(flat_, shape, contiguous_strides(shape),
+                               flat_.impl()->offset + plan_.offset[i]));
+    params_[i].mutable_grad() = views_.back();
+  }
+}
+
+void FlatGrads::zero_grad() {
+  flat_.zero_();
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].mutable_grad() = views_[i];
+}
+
+bool FlatGrads::holds(size_t i) const {
+  const Tensor& g = params_.at(i).grad();
+  return g.defined() && g.impl()->storage == flat_.impl()->storage &&
+         g.impl()->offset == views_[i].impl()->offset;
+}
+
 // ---- test fault injection --------------------------------------------------------------------------
 
 void inject_test_fault(int rank, int64_t step) {
@@ -649,28 +684,14 @@ class NcclGroup final : public ProcessGroup {
 class NcclGradReducer final : public GradReducer {
  public:
   NcclGradReducer(NcclGroup& group, const std::vector<Tensor>& params, int64_t bucket_bytes)
-      : group_(group), params_(params) {
-    const Device device = group_.device();
-    std::vector<int64_t> numels;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const Tensor& p = params_[i];
-      NHA_CHECK(p.dtype() == DType::F32 && p.device() == device && p.is_contiguous())
-          << "data parallel: parameter " << i << " is " << p.str() << ", expected contiguous f32 "
-          << "on " << device.str() << " (fp32 master weights)";
-      numels.push_back(p.numel());
-      index_[p.impl()] = i;
-    }
-    plan_ = plan_buckets(numels, std::max<int64_t>(1, bucket_bytes / int64_t(sizeof(float))));
+      : group_(group),
+        grads_(checked_params(params, group.device()),
+               std::max<int64_t>(1, bucket_bytes / int64_t(sizeof(float)))),
+        plan_(grads_.plan()) {
+    for (size_t i = 0; i < params.size(); ++i) index_[params[i].impl()] = i;
     bucket_mib_ = double(bucket_bytes) / double(1 << 20);
-    flat_ = Tensor::zeros({plan_.total}, DType::F32, device);  // (total,)
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const Shape& shape = params_[i].shape();
-      views_.push_back(make_view(flat_, shape, contiguous_strides(shape),
-                                 flat_.impl()->offset + plan_.offset[i]));
-      params_[i].mutable_grad() = views_.back();
-    }
     waiting_.assign(plan_.buckets.size(), 0);
-    cuda::DeviceGuard guard(device.index);
+    cuda::DeviceGuard guard(group_.device().index);
     CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
   }
@@ -692,7 +713,7 @@ class NcclGradReducer final : public GradReducer {
     auto it = index_.find(leaf.impl());
     if (it == index_.end()) return;  // a leaf that is not a parameter
     const size_t i = it->second;
-    NHA_CHECK(leaf.grad().defined() && leaf.grad().impl()->storage == flat_.impl()->storage)
+    NHA_CHECK(grads_.holds(i))
         << "data parallel: the gradient of parameter " << i << " (" << leaf.str() << ") is no "
         << "longer a view of the bucket buffer. HINT: under data parallelism zero gradients with "
         << "GradReducer::zero_grad, not AdamW::zero_grad";
@@ -711,19 +732,27 @@ class NcclGradReducer final : public GradReducer {
     step_ = -1;
   }
 
-  void zero_grad() override {
-    flat_.zero_();
-    for (size_t i = 0; i < params_.size(); ++i) params_[i].mutable_grad() = views_[i];
-  }
+  void zero_grad() override { grads_.zero_grad(); }
+  FlatGrads& grads() override { return grads_; }
 
   std::string summary() const override {
     std::ostringstream s;
     s << plan_.buckets.size() << " gradient buckets of <= " << bucket_mib_ << " MiB over "
-      << params_.size() << " parameters, fp32 all-reduce (ncclAvg), overlapped with the backward";
+      << index_.size() << " parameters, fp32 all-reduce (ncclAvg), overlapped with the backward";
     return s.str();
   }
 
  private:
+  // The parameters, once checked to be what NCCL reduces here: fp32 master weights on the GPU.
+  static const std::vector<Tensor>& checked_params(const std::vector<Tensor>& params,
+                                                   Device device) {
+    for (size_t i = 0; i < params.size(); ++i)
+      NHA_CHECK(params[i].dtype() == DType::F32 && params[i].device() == device)
+          << "data parallel: parameter " << i << " is " << params[i].str()
+          << ", expected f32 on " << device.str() << " (fp32 master weights)";
+    return params;
+  }
+
   // Bucket b's gradients are final on the compute stream: average them over the ranks, in place,
   // on the communication stream once the compute stream has got there.
   void launch(size_t b) {
@@ -732,7 +761,7 @@ class NcclGradReducer final : public GradReducer {
     cuda::DeviceGuard guard(device);
     CUDA_CHECK(cudaEventRecord(ready_, cuda::current_stream(device)));
     CUDA_CHECK(cudaStreamWaitEvent(group_.stream(), ready_, 0));
-    float* base = flat_.data<float>() + k.begin;  // (end - begin,) this bucket's gradients
+    float* base = grads_.buffer().data<float>() + k.begin;  // (end - begin,) the bucket
     NCCL_CHECK(ncclAllReduce(base, base, size_t(k.end - k.begin), ncclFloat32, ncclAvg,
                              group_.comm(), group_.stream()));
     group_.watchdog().watch(group_.stream(), "the all-reduce of gradient bucket " +
@@ -742,11 +771,9 @@ class NcclGradReducer final : public GradReducer {
   }
 
   NcclGroup& group_;
-  std::vector<Tensor> params_;
-  BucketPlan plan_;
+  FlatGrads grads_;               // f32 (plan_.total,): every gradient, bucket after bucket
+  const BucketPlan& plan_;        // grads_.plan()
   double bucket_mib_ = 0;
-  Tensor flat_;                 // f32 (plan_.total,): every gradient, bucket after bucket
-  std::vector<Tensor> views_;   // (P,) views_[i] = flat_[offset_i, offset_i + numel_i) shaped like param i
   std::unordered_map<const TensorImpl*, size_t> index_;  // parameter -> index
   std::vector<int64_t> waiting_;  // per bucket: gradients not yet final in this backward
   size_t next_ = 0;               // buckets [0, next_) are started (in order on every rank)

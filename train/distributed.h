@@ -14,9 +14,10 @@
 //   loss, stop flag                        one small all-reduce: the guard and Ctrl-C decide alike
 //   clip, guard, AdamW                     identical on every rank (identical averaged gradients)
 //
-// Gradients are views of one flat fp32 buffer laid out bucket by bucket, so the all-reduce works in
-// place with no copy in or out. Parameters are laid out in reverse registration order: the backward
-// produces the last layers' gradients first, so the first buckets fill first.
+// Gradients are views of one flat fp32 buffer laid out bucket by bucket (FlatGrads), so the
+// all-reduce works in place with no copy in or out. Parameters are laid out in reverse
+// registration order: the backward produces the last layers' gradients first, so the first
+// buckets fill first.
 //
 // Launch (apps/cmd_train.cpp):
 //   nha train cfg.yaml --gpus N        this process starts N ranks of itself (fork + exec) and
@@ -103,6 +104,31 @@ struct BucketPlan {
 BucketPlan plan_buckets(const std::vector<int64_t>& numels, int64_t bucket_elements,
                         int64_t align = 64);
 
+// The gradients of `params` (contiguous tensors of one dtype on one device) as views of one flat
+// buffer laid out by plan_buckets(numels, bucket_elements): the data-parallel reducer all-reduces
+// it bucket by bucket, and single-process training uses it with one bucket. AdamW lays its flat
+// parameters out the same way (train/optim.h), so it reads this buffer as it is, and
+// clip_grad_norm_flat sees every gradient in one reduction. Every gradient is defined from the
+// start (zeros): a parameter that gets no gradient in a step is updated with a zero gradient
+// (its moments decay), as under data parallelism.
+class FlatGrads {
+ public:
+  FlatGrads(const std::vector<Tensor>& params, int64_t bucket_elements);
+  // Zeroes the buffer (padding included) and makes every grad() its view again; the next
+  // backward accumulates into it.
+  void zero_grad();
+  const BucketPlan& plan() const { return plan_; }
+  Tensor& buffer() { return flat_; }  // (plan().total,) in the parameters' dtype
+  // Whether parameter i's gradient is still its view of the buffer.
+  bool holds(size_t i) const;
+
+ private:
+  std::vector<Tensor> params_;
+  BucketPlan plan_;
+  Tensor flat_;                // (plan_.total,) every gradient, bucket after bucket
+  std::vector<Tensor> views_;  // (P,) flat_[offset_i, offset_i + numel_i) shaped like param i
+};
+
 // ---- the communicator ----------------------------------------------------------------------------
 
 class GradReducer;
@@ -149,6 +175,8 @@ class GradReducer {
   virtual void finish() = 0;
   // Zeroes the flat buffer (the next step accumulates into it); replaces AdamW::zero_grad.
   virtual void zero_grad() = 0;
+  // The gradients it reduces (for clip_grad_norm_flat).
+  virtual FlatGrads& grads() = 0;
   virtual std::string summary() const = 0;  // "9 buckets of <= 25 MiB over 124.3M gradients"
 };
 

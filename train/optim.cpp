@@ -1,22 +1,18 @@
-// AdamW and gradient clipping (see train/optim.h).
+// AdamW over flat buffers and gradient clipping (see train/optim.h).
 #include "train/optim.h"
 
 #include <cmath>
+#include <limits>
 #include <set>
 
 #include "autograd/node.h"
 #include "kernels/backend.h"
+#include "train/autocast.h"
+#include "train/distributed.h"
 
 namespace nha {
 
-namespace {
-// Moments are f32, except for f64 parameters (float64 references and tests).
-DType moment_dtype(const Tensor& param) {
-  return param.dtype() == DType::F64 ? DType::F64 : DType::F32;
-}
-}  // namespace
-
-AdamW::AdamW(std::vector<ParamEntry> params, AdamWOptions options)
+AdamW::AdamW(std::vector<ParamEntry> params, AdamWOptions options, DType copy_dtype)
     : params_(std::move(params)), options_(options) {
   NHA_CHECK(options_.beta1 >= 0 && options_.beta1 < 1 && options_.beta2 >= 0 &&
             options_.beta2 < 1)
@@ -26,42 +22,135 @@ AdamW::AdamW(std::vector<ParamEntry> params, AdamWOptions options)
   NHA_CHECK(options_.weight_decay >= 0)
       << "AdamW: weight_decay must be >= 0, got " << options_.weight_decay;
   std::set<std::string> names;
-  m_.reserve(params_.size());
-  v_.reserve(params_.size());
+  std::set<const TensorImpl*> tensors;
+  std::vector<int64_t> numels;
   for (const ParamEntry& e : params_) {
     NHA_CHECK(e.param.defined()) << "AdamW: parameter '" << e.name << "' is undefined";
-    NHA_CHECK(is_floating(e.param.dtype()))
-        << "AdamW: parameter '" << e.name << "' is not floating: " << e.param.str();
+    NHA_CHECK(is_floating(e.param.dtype()) && e.param.dtype() != DType::BF16)
+        << "AdamW: parameter '" << e.name << "' is " << e.param.str() << ", expected f32 (or "
+        << "f64). HINT: keep fp32 master weights; bf16 compute copies come from copy_dtype";
     NHA_CHECK(e.param.is_contiguous())
         << "AdamW: parameter '" << e.name << "' is a non-contiguous view " << e.param.str()
         << ". HINT: optimize the tensor that owns the memory, not a view of it";
     NHA_CHECK(names.insert(e.name).second)
         << "AdamW: parameter name '" << e.name << "' appears twice. HINT: names key the "
         << "optimizer state in checkpoints and must be unique";
-    m_.push_back(Tensor::zeros(e.param.shape(), moment_dtype(e.param), e.param.device()));
-    v_.push_back(Tensor::zeros(e.param.shape(), moment_dtype(e.param), e.param.device()));
+    NHA_CHECK(tensors.insert(e.param.impl()).second)
+        << "AdamW: parameter '" << e.name << "' is a tensor already given under another name";
+    const Tensor& first = params_.front().param;
+    NHA_CHECK(e.param.dtype() == first.dtype() && e.param.device() == first.device())
+        << "AdamW: parameter '" << e.name << "' is " << e.param.str() << " but '"
+        << params_.front().name << "' is " << first.str() << ". HINT: the parameters live in one "
+        << "flat buffer: give one optimizer the parameters of one device and dtype";
+    numels.push_back(e.param.numel());
   }
+  const DType dtype = params_.empty() ? DType::F32 : params_.front().param.dtype();
+  const Device device = params_.empty() ? Device::cpu() : params_.front().param.device();
+  // The gradient buffers' layout (one bucket: the buckets do not move the offsets), so that a flat
+  // gradient buffer lines up with the parameters element for element.
+  const dist::BucketPlan plan = dist::plan_buckets(numels, std::numeric_limits<int64_t>::max());
+  offset_ = plan.offset;
+  flat_ = Tensor::zeros({plan.total}, dtype, device);    // (total,)
+  m_flat_ = Tensor::zeros({plan.total}, dtype, device);  // (total,)
+  v_flat_ = Tensor::zeros({plan.total}, dtype, device);  // (total,)
+  const bool with_copy = copy_dtype == DType::BF16;
+  NHA_CHECK(!with_copy || dtype == DType::F32)
+      << "AdamW: a bf16 copy is kept of f32 parameters only, these are " << dtype_name(dtype);
+  if (with_copy) {
+    copy_flat_ = Tensor::empty({plan.total}, DType::BF16, device);  // (total,)
+    copies_ = std::make_unique<WeightCopies>();
+  }
+  auto view = [&](const Tensor& flat, size_t i) {
+    const Shape& shape = params_[i].param.shape();
+    return make_view(flat, shape, contiguous_strides(shape), flat.impl()->offset + offset_[i]);
+  };
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Tensor& p = params_[i].param;
+    Tensor place = view(flat_, i);
+    place.copy_(p);
+    p.set_data(place);  // every handle to the parameter now sees the flat buffer
+    m_.push_back(view(m_flat_, i));
+    v_.push_back(view(v_flat_, i));
+    copy_.push_back(with_copy ? view(copy_flat_, i) : Tensor());
+  }
+  if (with_copy) {
+    backend_for(flat_).cast(copy_flat_, flat_);
+    for (size_t i = 0; i < params_.size(); ++i) copies_->add(params_[i].param, copy_[i]);
+    copies_->mark_current();
+  }
+}
+
+AdamW::~AdamW() = default;
+
+Tensor AdamW::flat_gradients() const {
+  std::shared_ptr<Storage> storage;
+  int64_t base = 0;  // element of the storage where the buffer starts
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Tensor& g = params_[i].param.grad();
+    if (!g.defined() || !g.is_contiguous() || g.dtype() != flat_.dtype() ||
+        g.device() != flat_.device())
+      return {};
+    const int64_t b = g.impl()->offset - offset_[i];
+    if (i == 0) {
+      storage = g.impl()->storage;
+      base = b;
+    } else if (g.impl()->storage != storage || b != base) {
+      return {};
+    }
+  }
+  if (!storage || base < 0 ||
+      storage->nbytes() < size_t(base + flat_.numel()) * dtype_size(flat_.dtype()))
+    return {};
+  return make_view(params_.front().param.grad(), {flat_.numel()}, {1}, base);
 }
 
 void AdamW::step(double lr) {
   autograd::NoGradGuard no_grad;
   ++step_;
   for (size_t i = 0; i < params_.size(); ++i) {
-    Tensor& p = params_[i].param;
+    const TensorImpl* p = params_[i].param.impl();
+    NHA_CHECK(p->storage == flat_.impl()->storage && p->offset == flat_.impl()->offset + offset_[i])
+        << "AdamW: parameter '" << params_[i].name << "' no longer lives in the optimizer's flat "
+        << "buffer (its data was replaced, e.g. by Module::to). HINT: move or cast the model "
+        << "before making the optimizer";
+  }
+  // The segment table: (offset, numel, decay) of every parameter that has a gradient.
+  std::vector<int64_t> rows;
+  Tensor grads = flat_gradients();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Tensor& p = params_[i].param;
     const Tensor& g = p.grad();
     if (!g.defined()) continue;
-    NHA_CHECK(g.shape() == p.shape())
-        << "AdamW: gradient of '" << params_[i].name << "' is " << g.str()
-        << " but the parameter is " << p.str();
-    Tensor gc = g.contiguous();
-    const double wd = params_[i].decay ? options_.weight_decay : 0.0;
-    backend_for(p).adamw_step(p, gc, m_[i], v_[i], lr, options_.beta1, options_.beta2,
-                              options_.eps, wd, step_);
-    // In-place writes: bump versions so saved-tensor checks see them.
-    p.impl()->storage->bump_version();
-    m_[i].impl()->storage->bump_version();
-    v_[i].impl()->storage->bump_version();
+    if (!grads.defined()) {
+      // Gather: the gradients are separate tensors (the per-tensor API, tests).
+      NHA_CHECK(g.shape() == p.shape())
+          << "AdamW: gradient of '" << params_[i].name << "' is " << g.str()
+          << " but the parameter is " << p.str();
+      if (!grad_stage_.defined())
+        grad_stage_ = Tensor::zeros({flat_.numel()}, flat_.dtype(), flat_.device());  // (total,)
+      make_view(grad_stage_, p.shape(), contiguous_strides(p.shape()),
+                grad_stage_.impl()->offset + offset_[i])
+          .copy_(g);
+    }
+    rows.insert(rows.end(), {offset_[i], p.numel(), params_[i].decay ? 1 : 0});
   }
+  if (rows.empty()) return;
+  if (!grads.defined()) grads = grad_stage_;
+  // The table moves to the device only when it changes (with flat gradients: once).
+  if (rows != segment_rows_) {
+    segment_rows_ = rows;
+    segments_ = Tensor::from_vector<int64_t>(rows, {int64_t(rows.size() / 3), 3}, flat_.device());
+  }
+  Backend& be = backend_for(flat_);
+  // A master written since the copies were (a checkpoint load): all copies afresh, since the step
+  // writes those of the updated parameters only.
+  if (copies_ && !copies_->current()) be.cast(copy_flat_, flat_);
+  be.adamw_step_flat(flat_, grads, m_flat_, v_flat_, copy_flat_, segments_, lr, options_.beta1,
+                     options_.beta2, options_.eps, options_.weight_decay, step_);
+  // In-place writes: bump versions so saved-tensor checks see them.
+  for (const Tensor* t : {&flat_, &m_flat_, &v_flat_, &copy_flat_})
+    if (t->defined()) t->impl()->storage->bump_version();
+  if (copies_) copies_->mark_current();
 }
 
 void AdamW::zero_grad() {
@@ -98,6 +187,16 @@ double clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {
       g.mul_(factor);  // mul_ refuses non-contiguous views; leaf grads are contiguous
     }
   }
+  return norm;
+}
+
+double clip_grad_norm_flat(Tensor& grads, double max_norm) {
+  autograd::NoGradGuard no_grad;
+  // The sum of all squares as one f64 scalar (both backends accumulate in f64).
+  Tensor s = Tensor::empty({}, DType::F64, grads.device());
+  backend_for(grads).sum_squares(s, grads);
+  const double norm = std::sqrt(s.item<double>());
+  if (max_norm > 0 && norm > max_norm) grads.mul_(max_norm / (norm + 1e-6));  // not for NaN
   return norm;
 }
 

@@ -6,14 +6,26 @@
 //   double norm = clip_grad_norm(params, 1.0);
 //   opt.step(lr_schedule(step));
 //   opt.zero_grad();
+//
+// The trainer's form: flat gradients (dist::FlatGrads, or the data-parallel reducer's) and a bf16
+// compute copy of the fp32 masters for autocast:
+//   AdamW opt(entries, options, DType::BF16);
+//   dist::FlatGrads grads(params, ...);
+//   ... loss.backward();                      (accumulates into grads.buffer())
+//   double norm = clip_grad_norm_flat(grads.buffer(), 1.0);
+//   opt.step(lr);                              (one kernel: every parameter and its bf16 copy)
+//   grads.zero_grad();
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/tensor.h"
 
 namespace nha {
+
+class WeightCopies;
 
 // One parameter handed to the optimizer. `name` keys its state in checkpoints; `decay` says
 // whether weight decay applies (the usual choice: matrices yes, norms/biases/embeddings no).
@@ -33,19 +45,33 @@ struct AdamWOptions {
 };
 
 // AdamW (decoupled weight decay, bias-corrected; the math is Backend::adamw_step in
-// kernels/backend.h). Keeps per parameter the first and second moments m and v: zero-initialized,
-// same shape and device as the parameter, dtype f32 (f64 for f64 parameters, so float64 tests stay
-// exact). One step counter is shared by all parameters (like llm.c): it counts calls to step(), and
-// bias correction uses it also for a parameter that had no gradient in earlier steps.
+// kernels/backend.h) over flat buffers. The constructor moves the parameters into one flat buffer:
+// each parameter becomes a view of it (Tensor::set_data: every handle to it, e.g. the module's,
+// sees the same values at the new place), laid out like the flat gradient buffers
+// (dist::plan_buckets: reverse registration order, offsets aligned to 64 elements). The moments
+// m and v are zero-initialized flat buffers of the parameters' dtype (f32; f64 for f64 parameters,
+// so float64 tests stay exact), seen per parameter through m(i), v(i). All parameters share one
+// device and dtype. One step counter is shared by all parameters (like llm.c): it counts calls to
+// step(), and bias correction uses it also for a parameter that had no gradient in earlier steps.
 class AdamW {
  public:
-  AdamW(std::vector<ParamEntry> params, AdamWOptions options);
+  // copy_dtype BF16 (f32 parameters only): also keep a flat bf16 copy of the parameters, written by
+  // the update kernel, for autocast to use instead of casting every weight in every forward
+  // (WeightCopies, train/autocast.h). Any other value: no copy.
+  AdamW(std::vector<ParamEntry> params, AdamWOptions options, DType copy_dtype = DType::F32);
+  ~AdamW();
+  AdamW(const AdamW&) = delete;
+  AdamW& operator=(const AdamW&) = delete;
 
   // One update with learning rate `lr`, under autograd::NoGradGuard: increments the step counter,
-  // then for every parameter whose grad() is defined runs Backend::adamw_step (weight decay
-  // options.weight_decay where entry.decay, else 0). Parameters without a gradient are left alone
-  // (their moments too). Parameters are updated in place (their storage version is bumped, so a
-  // graph that saved them before the step refuses to run backward afterwards).
+  // then updates every parameter whose grad() is defined in one Backend::adamw_step_flat call
+  // (weight decay options.weight_decay where entry.decay, else 0) and writes its bf16 copy.
+  // Parameters without a gradient are left alone (their moments too). When every gradient is a
+  // view of one buffer at this layout (dist::FlatGrads, the data-parallel reducer) that buffer is
+  // read as it is; other gradients are first gathered into a flat buffer of the optimizer's.
+  // Parameters are updated in place (their storage version is bumped, so a graph that saved them
+  // before the step refuses to run backward afterwards). Fails when a parameter is no longer a
+  // view of the flat buffer (Module::to after the optimizer was made).
   void step(double lr);
   void step() { step(options_.lr); }
   // Resets every parameter's grad to undefined (the next backward allocates it afresh).
@@ -58,18 +84,33 @@ class AdamW {
   // Number of step() calls so far (0 before the first; the first step uses 1 in bias correction).
   int64_t step_count() const { return step_; }
   void set_step_count(int64_t step);
-  // Moments of parameter i (same order as params()). Restore a checkpoint with m(i).copy_(saved).
+  // Moments of parameter i (same order as params()), views of the flat moments. Restore a
+  // checkpoint with m(i).copy_(saved).
   Tensor& m(size_t i) { return m_.at(i); }
   Tensor& v(size_t i) { return v_.at(i); }
   const Tensor& m(size_t i) const { return m_.at(i); }
   const Tensor& v(size_t i) const { return v_.at(i); }
+  // The bf16 copy of parameter i (a view of the flat copy); undefined without copies.
+  const Tensor& copy(size_t i) const { return copy_.at(i); }
   // Index of the parameter named `name`; fails with a message when there is none.
   size_t index_of(const std::string& name) const;
 
  private:
+  // The gradient buffer [total] when every parameter's gradient is a view of one storage at the
+  // flat layout, else undefined.
+  Tensor flat_gradients() const;
+
   std::vector<ParamEntry> params_;
   AdamWOptions options_;
-  std::vector<Tensor> m_, v_;
+  std::vector<int64_t> offset_;   // (P,) first element of parameter i in every flat buffer
+  Tensor flat_;                   // (total,) the parameters; params_[i] are its views
+  Tensor m_flat_, v_flat_;        // (total,) the moments
+  Tensor copy_flat_;              // (total,) bf16 copy of flat_, or undefined
+  std::vector<Tensor> m_, v_, copy_;  // (P,) views of the flat buffers (copy_: undefined ones)
+  Tensor grad_stage_;             // (total,) gathered gradients when they are not flat (lazy)
+  std::vector<int64_t> segment_rows_;  // (S * 3,) host copy of segments_
+  Tensor segments_;               // [S, 3] i64 on the device: last step's (offset, numel, decay)
+  std::unique_ptr<WeightCopies> copies_;  // registers the copies with autocast, or null
   int64_t step_ = 0;
 };
 
@@ -80,5 +121,9 @@ class AdamW {
 // no clipping, only the norm. A non-finite norm is returned as is and nothing is scaled (the caller
 // decides whether to skip the step).
 double clip_grad_norm(const std::vector<Tensor>& params, double max_norm);
+// The same over a flat gradient buffer (dist::FlatGrads::buffer(): every gradient a view of it,
+// the padding between them zero): one Backend::sum_squares over the buffer and, when clipping, one
+// scale of it in place.
+double clip_grad_norm_flat(Tensor& grads, double max_norm);
 
 }  // namespace nha

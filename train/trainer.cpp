@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -177,9 +178,17 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   std::vector<ParamEntry> entries;
   for (const NamedParameter& p : params_)
     entries.push_back({p.name, p.tensor, p.kind == ParamKind::Weight || t.decay_norms_and_embeddings});
+  // bf16 autocast: AdamW keeps the bf16 copy of the weights that the forward passes use.
   optimizer_ = std::make_unique<AdamW>(
-      entries, AdamWOptions{t.lr, t.beta1, t.beta2, t.eps, t.weight_decay});
-  if (group_) reducer_ = group_->grad_reducer(param_tensors_, int64_t(t.dist_bucket_mb * (1 << 20)));
+      entries, AdamWOptions{t.lr, t.beta1, t.beta2, t.eps, t.weight_decay}, compute_dtype_);
+  // Gradients are views of one flat buffer laid out like the optimizer's parameters: AdamW reads
+  // it as it is and clipping is one reduction over it. Data parallel: the reducer's buckets; one
+  // process: a single bucket.
+  if (group_)
+    reducer_ = group_->grad_reducer(param_tensors_, int64_t(t.dist_bucket_mb * (1 << 20)));
+  else
+    flat_grads_ = std::make_unique<dist::FlatGrads>(param_tensors_,
+                                                    std::numeric_limits<int64_t>::max());
 
   // Resume or start fresh.
   const std::string latest = latest_checkpoint(config_.checkpoint.dir);
@@ -346,7 +355,8 @@ StepStats Trainer::train_step() {
     st.loss = r[0] / double(world_);
     agreed_stop_ = r[1] > 0;
   }
-  st.grad_norm = clip_grad_norm(param_tensors_, t.grad_clip);
+  st.grad_norm = clip_grad_norm_flat(reducer_ ? reducer_->grads().buffer() : flat_grads_->buffer(),
+                                     t.grad_clip);
 
   constexpr double kEmaBeta = 0.99;
   const double ema = loss_ema_count_ > 0
@@ -379,8 +389,9 @@ StepStats Trainer::train_step() {
 }
 
 void Trainer::zero_grad() {
-  if (reducer_) reducer_->zero_grad();  // the gradients stay views of the bucket buffer
-  else optimizer_->zero_grad();
+  // The gradients stay views of the flat buffer.
+  if (reducer_) reducer_->zero_grad();
+  else flat_grads_->zero_grad();
 }
 
 bool Trainer::stop_requested_here() const {

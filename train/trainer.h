@@ -8,9 +8,9 @@
 //   batch = loader.next()                          all global_batch_tokens / seq_len windows
 //   for each of the accumulation micro-batches:    micro_batch rows of the batch
 //       (model.loss(x, y) / accumulation).backward()      (under autocast in bf16 mode)
-//   norm = clip_grad_norm(params, grad_clip)
+//   norm = clip_grad_norm_flat(gradients, grad_clip)   (the gradients are one flat buffer)
 //   if loss or norm is not finite, or loss > spike_factor x running mean: skip the update
-//   else AdamW.step(lr_at(step))
+//   else AdamW.step(lr_at(step))                       (one kernel; bf16: also the weights' copy)
 // then progress lines, JSONL metrics, validation and checkpoints at their intervals.
 //
 // Data parallel (options.group, train/distributed.h): every rank runs this same loop on its rows of
@@ -132,6 +132,7 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   dist::ProcessGroup* group_ = nullptr;       // data parallel, or nullptr
   std::unique_ptr<dist::GradReducer> reducer_;  // with group_: owns the gradients' memory
+  std::unique_ptr<dist::FlatGrads> flat_grads_;  // without group_: owns the gradients' memory
   int world_ = 1, rank_ = 0;
   std::vector<NamedParameter> params_;
   std::vector<Tensor> param_tensors_;

@@ -1,5 +1,7 @@
 // Views and copies as differentiable Tensor methods: reshape, transpose, slice, contiguous,
-// clone, to(device), to(dtype). Each backward maps the gradient back to the input's layout.
+// clone, to(device), to(dtype), and cast_alias (to(dtype) answered by an existing copy). Each
+// backward maps the gradient back to the input's layout.
+#include "autograd/ops.h"
 #include "autograd/ops/op_util.h"
 
 namespace nha {
@@ -186,6 +188,21 @@ Tensor Tensor::to(DType target) const {
     auto node = std::make_shared<ToDtypeBackward>();
     node->source = dtype();
     record(node, {*this}, out);
+  }
+  return out;
+}
+
+Tensor cast_alias(const Tensor& x, const Tensor& copy) {
+  NHA_CHECK(x.defined() && copy.defined() && copy.shape() == x.shape() &&
+            copy.device() == x.device() && is_floating(x.dtype()) && is_floating(copy.dtype()))
+      << "cast_alias: the copy " << (copy.defined() ? copy.str() : "undefined")
+      << " must be a floating tensor shaped like " << (x.defined() ? x.str() : "undefined");
+  // A new handle on the copy's memory: the node is recorded on it, never on the copy itself.
+  Tensor out = make_view(copy, copy.shape(), copy.strides(), copy.impl()->offset);
+  if (autograd::any_requires_grad({x})) {
+    auto node = std::make_shared<ToDtypeBackward>();
+    node->source = x.dtype();
+    record(node, {x}, out);
   }
   return out;
 }

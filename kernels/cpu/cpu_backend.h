@@ -34,6 +34,10 @@ class CpuBackend final : public Backend {
                        double eps) override;
   void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x,
                         const Tensor& w, const Tensor& rstd) override;
+  void add_rmsnorm_forward(Tensor& h, Tensor& out, Tensor& rstd, const Tensor& x,
+                           const Tensor& delta, const Tensor& w, double eps) override;
+  void add_rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& dh,
+                            const Tensor& h, const Tensor& w, const Tensor& rstd) override;
   void rope(Tensor& out, const Tensor& x, double base, int64_t start_pos, bool inverse) override;
   void silu_forward(Tensor& out, const Tensor& x) override;
   void silu_backward(Tensor& dx, const Tensor& dout, const Tensor& x) override;
@@ -65,6 +69,9 @@ class CpuBackend final : public Backend {
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr,
                   double beta1, double beta2, double eps, double weight_decay,
                   int64_t step) override;
+  void adamw_step_flat(Tensor& params, const Tensor& grads, Tensor& m, Tensor& v, Tensor& copy,
+                       const Tensor& segments, double lr, double beta1, double beta2, double eps,
+                       double weight_decay, int64_t step) override;
 };
 
 // Calls fn.template operator()<T>() with T = float or double after the dtype of `t`.

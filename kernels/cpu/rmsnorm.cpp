@@ -70,4 +70,26 @@ void CpuBackend::rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, co
   });
 }
 
+// The residual add fused with the norm after it: on the CPU (the reference) literally the two
+// kernels in a row, so the result is add() + rmsnorm_forward() bit for bit.
+//   h = x + delta;  rstd[n] = 1 / sqrt(mean_c h[n,c]^2 + eps);  out[n,c] = h[n,c] * rstd[n] * w[c]
+//   x, delta, h, out [N, C]; w [C]; rstd [N]
+void CpuBackend::add_rmsnorm_forward(Tensor& h, Tensor& out, Tensor& rstd, const Tensor& x,
+                                     const Tensor& delta, const Tensor& w, double eps) {
+  check_same_shape(delta, x, "add_rmsnorm delta");
+  check_same_shape(h, x, "add_rmsnorm h");
+  add(h, x, delta, 1.0, 1.0);
+  rmsnorm_forward(out, rstd, h, w, eps);
+}
+
+// dx = dh + rmsnorm_backward's dx (with h in place of x): the gradient of both x and delta;
+// dw as in rmsnorm_backward. dx, dout, dh, h [N, C]; w, dw [C]; rstd [N]
+void CpuBackend::add_rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout,
+                                      const Tensor& dh, const Tensor& h, const Tensor& w,
+                                      const Tensor& rstd) {
+  check_same_shape(dh, h, "add_rmsnorm_backward dh");
+  rmsnorm_backward(dx, dw, dout, h, w, rstd);
+  add(dx, dx, dh, 1.0, 1.0);
+}
+
 }  // namespace nha

@@ -4,11 +4,11 @@
 // losses, sum_squares) are f32 tensors even when the inputs are bf16. One .cu file per op family
 // holds the forward and backward kernels side by side:
 //   memory.cu        copy_strided, fill, cast, fill_normal / fill_uniform (Philox, same as CPU)
-//   elementwise.cu   add, mul, scale, silu, swiglu, adamw_step
+//   elementwise.cu   add, mul, scale, silu, swiglu, adamw_step, adamw_step_flat (multi-tensor)
 //   reduce.cu        sum_dim, broadcast_dim, sum_squares (deterministic two-pass reductions)
 //   gemm.cpp         gemm through cuBLASLt (bf16 in / f32 accumulate; true f32 for f32)
 //   embedding.cu     embedding forward / backward (deterministic: radix sort + segment sums)
-//   rmsnorm.cu       RMSNorm forward / backward
+//   rmsnorm.cu       RMSNorm forward / backward, also fused with the residual add before it
 //   rope.cu          rotary embedding (inverse = backward)
 //   softmax.cu       softmax forward / backward, fused cross-entropy forward / backward
 //   attention.cu     flash attention forward / backward (mma.sync, bf16) + a simple f32 path
@@ -49,6 +49,10 @@ class CudaBackend final : public Backend {
                        double eps) override;
   void rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x,
                         const Tensor& w, const Tensor& rstd) override;
+  void add_rmsnorm_forward(Tensor& h, Tensor& out, Tensor& rstd, const Tensor& x,
+                           const Tensor& delta, const Tensor& w, double eps) override;
+  void add_rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& dh,
+                            const Tensor& h, const Tensor& w, const Tensor& rstd) override;
   void rope(Tensor& out, const Tensor& x, double base, int64_t start_pos, bool inverse) override;
   void silu_forward(Tensor& out, const Tensor& x) override;
   void silu_backward(Tensor& dx, const Tensor& dout, const Tensor& x) override;
@@ -80,6 +84,9 @@ class CudaBackend final : public Backend {
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr,
                   double beta1, double beta2, double eps, double weight_decay,
                   int64_t step) override;
+  void adamw_step_flat(Tensor& params, const Tensor& grads, Tensor& m, Tensor& v, Tensor& copy,
+                       const Tensor& segments, double lr, double beta1, double beta2, double eps,
+                       double weight_decay, int64_t step) override;
 
   // Waits for every device this process used and reports errors recorded by kernels.
   void synchronize() override;

@@ -101,6 +101,42 @@ TEST(Model, WholeModelGradientsMatchFiniteDifferences) {
   }
 }
 
+// The fused residual adds (add_rmsnorm inside and across blocks) against the pre-norm forward
+// written out op by op, h = x + mixer(norm(x)), y = h + mlp(norm(h)), logits = head(norm(y)), on
+// the same weights: the same loss bits (the CPU's fused kernel is the two kernels), and the same
+// gradients up to the order in which the engine sums a tensor's several gradients.
+TEST(Model, FusedResidualNormsMatchThePlainForward) {
+  for (DType dt : {DType::F32, DType::F64}) {
+    SCOPED_TRACE(dtype_name(dt));
+    ModelConfig c = tiny_config();
+    c.n_layers = 3;
+    c.init_std = 0.3;
+    c.mixers = {MixerConfig{MixerType::Attention, 0, 0}, MixerConfig{MixerType::Attention, 3, 0},
+                MixerConfig{MixerType::Attention, 0, 0}};
+    LanguageModel fused(c, 13), plain(c, 13);
+    fused.to(dt);
+    plain.to(dt);
+    Tensor ids = ids_of({1, 5, 2, 9, 3, 7, 0, 4, 10, 6, 8, 2}, 2, 6);
+    Tensor targets = ids_of({5, 2, 9, 3, -100, 0, 4, 10, 6, 1, 3, 3}, 2, 6);
+    const Tensor lf = fused.loss(ids, targets);
+    Tensor x = plain.embed->forward(ids);
+    for (const auto& b : plain.layers) {
+      const Tensor h = x + b->mixer->forward(b->mixer_norm->forward(x));
+      x = h + b->mlp->forward(b->mlp_norm->forward(h));
+    }
+    const Tensor logits = linear(plain.norm->forward(x), plain.lm_head->weight);
+    const Tensor lp = cross_entropy(logits.reshape({-1, c.vocab_size}), targets.reshape({-1}));
+    EXPECT_EQ(lf.item<double>(), lp.item<double>());
+    lf.backward();
+    lp.backward();
+    const std::vector<NamedParameter> pf = fused.named_parameters(), pp = plain.named_parameters();
+    for (size_t i = 0; i < pf.size(); ++i)
+      EXPECT_LT(testing::rel_rms(pf[i].tensor.grad(), pp[i].tensor.grad()),
+                dt == DType::F64 ? 1e-13 : 1e-6)
+          << pf[i].name;
+  }
+}
+
 TEST(Model, ConfigValidationNamesTheField) {
   auto expect_error = [](ModelConfig c, const std::string& needle) {
     try {

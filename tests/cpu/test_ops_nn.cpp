@@ -6,6 +6,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/testing.h"
@@ -198,6 +199,94 @@ TEST(OpRmsNorm, BadInputsFailClearly) {
   Tensor x = randn({7, 13}, 231);
   expect_error([&] { rmsnorm(x, randn({12}, 232), 1e-5); }, {"f64[12]", "f64[7, 13]"});
   expect_error([&] { rmsnorm(x, randn({13}, 233, DType::F32), 1e-5); }, {"weight", "f32[13]"});
+}
+
+// =================================== add_rmsnorm (residual add + rmsnorm) ========================
+
+TEST(OpAddRmsNorm, ForwardMatchesUnfusedAndReference) {
+  const double eps = 1e-5;
+  for (DType dt : kFloatTypes)
+    for (const Shape& s : {Shape{37, 203}, Shape{2, 3, 768}}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " " + shape_str(s));
+      const int64_t C = s.back(), N = numel_of(s) / C;
+      Tensor x = randn(s, 241 + C).to(dt), d = randn(s, 242 + C).to(dt);
+      Tensor w = randn({C}, 243 + C).to(dt);
+      // The op against the unfused ops (the CPU's fused kernel is the two kernels: exact).
+      const auto [h, out] = add_rmsnorm(x, d, w, eps);
+      const Tensor h_ref = x + d;
+      EXPECT_EQ(rel_rms(h, h_ref), 0.0);
+      EXPECT_EQ(rel_rms(out, rmsnorm(h_ref, w, eps)), 0.0);
+      // The kernel on poisoned outputs against the float64 loops.
+      Vec hv = host(x), rstd;
+      const Vec dv = host(d);
+      for (size_t i = 0; i < hv.size(); ++i) hv[i] += dv[i];
+      const Tensor ref = f64(rmsnorm_ref(hv, host(w), eps, &rstd), s);
+      Tensor hk = poisoned(s, dt), ok = poisoned(s, dt), rk = poisoned({N}, dt);
+      cpu().add_rmsnorm_forward(hk, ok, rk, x, d, w, eps);
+      EXPECT_LT(rel_rms(hk, f64(hv, s)), tol_for(dt));
+      EXPECT_LT(rel_rms(ok, ref), tol_for(dt));
+      EXPECT_LT(rel_rms(rk, f64(rstd, {N})), tol_for(dt));
+    }
+}
+
+TEST(OpAddRmsNorm, Gradcheck) {
+  // Both outputs used (the residual stream continues from h), and each alone.
+  auto both = [](const std::vector<Tensor>& in) {
+    const auto [h, out] = add_rmsnorm(in[0], in[1], in[2], 1e-5);
+    return h * 0.7 + out;
+  };
+  auto norm_only = [](const std::vector<Tensor>& in) {
+    return add_rmsnorm(in[0], in[1], in[2], 1e-5).second;
+  };
+  auto h_only = [](const std::vector<Tensor>& in) {
+    return add_rmsnorm(in[0], in[1], in[2], 1e-5).first;
+  };
+  EXPECT_TRUE(gradcheck(both, {leaf(randn({7, 13}, 251)), leaf(randn({7, 13}, 252)),
+                               leaf(randn({13}, 253))}));
+  EXPECT_TRUE(gradcheck(both, {leaf(randn({2, 3, 6}, 254)), leaf(randn({2, 3, 6}, 255)),
+                               leaf(randn({6}, 256))}));
+  EXPECT_TRUE(gradcheck(norm_only, {leaf(randn({5, 9}, 257)), leaf(randn({5, 9}, 258)),
+                                    leaf(randn({9}, 259))}));
+  EXPECT_TRUE(gradcheck(h_only, {leaf(randn({5, 9}, 260)), leaf(randn({5, 9}, 261)),
+                                 leaf(randn({9}, 262))}));
+  EXPECT_TRUE(gradcheck(both, {randn({7, 13}, 263), leaf(randn({7, 13}, 264)), randn({13}, 265)}))
+      << "delta only";
+  EXPECT_TRUE(
+      gradcheck(both, {randn({3, 130}, 266), randn({3, 130}, 267), leaf(randn({130}, 268))}))
+      << "weight only, C over one column block";
+}
+
+// The fused op's gradients against the unfused graph's (x + delta feeding rmsnorm and the rest of
+// the residual stream), f64 and f32 at sizes above the OpenMP thresholds.
+TEST(OpAddRmsNorm, BackwardMatchesUnfused) {
+  const Shape s{301, 257};
+  const Tensor x = randn(s, 271), d = randn(s, 272), w = randn({257}, 273);
+  const Tensor gh = randn(s, 274), gout = randn(s, 275);
+  for (DType dt : kFloatTypes) {
+    SCOPED_TRACE(dtype_name(dt));
+    std::vector<Tensor> grads[2];  // fused, unfused: dx, ddelta, dw
+    for (int fused = 0; fused < 2; ++fused) {
+      Tensor xl = leaf(x.to(dt)), dl = leaf(d.to(dt)), wl = leaf(w.to(dt));
+      Tensor h, out;
+      if (fused == 1) {
+        std::tie(h, out) = add_rmsnorm(xl, dl, wl, 1e-6);
+      } else {
+        h = xl + dl;
+        out = rmsnorm(h, wl, 1e-6);
+      }
+      sum(h * gh.to(dt) + out * gout.to(dt)).backward();
+      grads[fused] = {xl.grad(), dl.grad(), wl.grad()};
+    }
+    for (size_t i = 0; i < 3; ++i) EXPECT_LT(rel_rms(grads[1][i], grads[0][i]), tol_for(dt)) << i;
+  }
+}
+
+TEST(OpAddRmsNorm, BadInputsFailClearly) {
+  Tensor x = randn({7, 13}, 281);
+  expect_error([&] { add_rmsnorm(x, randn({7, 12}, 282), randn({13}, 283), 1e-5); },
+               {"add_rmsnorm", "delta", "f64[7, 12]"});
+  expect_error([&] { add_rmsnorm(x, randn({7, 13}, 284), randn({12}, 285), 1e-5); },
+               {"add_rmsnorm", "f64[12]"});
 }
 
 // =================================== rope ========================================================

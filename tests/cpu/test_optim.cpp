@@ -1,8 +1,12 @@
-// AdamW (kernel and optimizer class) and gradient-norm clipping against hand-computed formulas.
+// AdamW (kernel and optimizer class) and gradient-norm clipping against hand-computed formulas;
+// the flat-buffer optimizer against per-tensor steps, its bf16 copies, flat gradient clipping.
 #include <cmath>
+#include <limits>
 
 #include "common/testing.h"
 #include "kernels/backend.h"
+#include "train/autocast.h"
+#include "train/distributed.h"
 #include "train/optim.h"
 
 namespace nha {
@@ -203,6 +207,183 @@ TEST(AdamW, ClipGradNormFloat) {
   double after = 0;
   for (double g : a.grad().to_vector<double>()) after += g * g;
   EXPECT_NEAR(std::sqrt(after), 0.5, 1e-5);
+}
+
+// ---- flat buffers -------------------------------------------------------------------------------
+
+// f32 leaves of odd sizes (the flat layout pads between them).
+std::vector<Tensor> odd_params(uint64_t seed) {
+  std::vector<Tensor> ps;
+  for (const Shape& s : {Shape{3, 7}, Shape{64}, Shape{5}, Shape{2, 3, 4}, Shape{129}})
+    ps.push_back(randn(s, seed + ps.size(), DType::F32).set_requires_grad(true));
+  return ps;
+}
+
+std::vector<ParamEntry> named_entries(const std::vector<Tensor>& ps,
+                                      const std::vector<bool>& decay) {
+  std::vector<ParamEntry> e;
+  for (size_t i = 0; i < ps.size(); ++i) e.push_back({"p" + std::to_string(i), ps[i], decay[i]});
+  return e;
+}
+
+// Element values as doubles: equal vectors mean equal bits (f32 and bf16 convert exactly).
+std::vector<double> values(const Tensor& t) { return t.to_vector<double>(); }
+
+TEST(AdamWFlat, SameBitsAsPerTensorSteps) {
+  const std::vector<bool> decay = {true, false, true, false, true};
+  for (bool flat_grads : {false, true}) {
+    SCOPED_TRACE(flat_grads ? "flat gradients" : "separate gradients (gathered)");
+    std::vector<Tensor> ps = odd_params(300), ref, rm, rv;  // ref: the per-tensor run
+    for (const Tensor& p : ps) {
+      ref.push_back(p.detach().clone());
+      rm.push_back(Tensor::zeros(p.shape()));
+      rv.push_back(Tensor::zeros(p.shape()));
+    }
+    AdamW opt(named_entries(ps, decay), {.lr = 0.05, .weight_decay = 0.1});
+    std::unique_ptr<dist::FlatGrads> fg;
+    if (flat_grads) fg = std::make_unique<dist::FlatGrads>(ps, std::numeric_limits<int64_t>::max());
+    for (int t = 1; t <= 4; ++t) {
+      const double lr = 0.05 / t;
+      if (fg) fg->zero_grad();
+      for (size_t i = 0; i < ps.size(); ++i) {
+        // Parameter 2 has no gradient in even steps (separate gradients: undefined, so untouched;
+        // flat gradients: zeros, the data-parallel semantics).
+        const bool none = i == 2 && t % 2 == 0;
+        Tensor g = none ? Tensor::zeros(ps[i].shape())
+                        : randn(ps[i].shape(), 400 + 10 * t + i, DType::F32);
+        if (fg) {
+          ps[i].mutable_grad().copy_(g);
+        } else {
+          ps[i].mutable_grad() = none ? Tensor() : g;
+          if (none) continue;
+        }
+        backend_for(g).adamw_step(ref[i], g, rm[i], rv[i], lr, 0.9, 0.95, 1e-8,
+                                  decay[i] ? 0.1 : 0.0, t);
+      }
+      opt.step(lr);
+      for (size_t i = 0; i < ps.size(); ++i) {
+        SCOPED_TRACE("step " + std::to_string(t) + ", parameter " + std::to_string(i));
+        EXPECT_EQ(values(ps[i]), values(ref[i]));
+        EXPECT_EQ(values(opt.m(i)), values(rm[i]));
+        EXPECT_EQ(values(opt.v(i)), values(rv[i]));
+      }
+    }
+    EXPECT_NE(values(ps[0]), values(odd_params(300)[0])) << "the steps moved the parameters";
+  }
+}
+
+TEST(AdamWFlat, ParametersBecomeViewsOfOneBuffer) {
+  std::vector<Tensor> ps = odd_params(310);
+  const std::vector<double> before = values(ps[3]);
+  Tensor alias = ps[3];  // another handle to the same parameter (as a module holds it)
+  AdamW opt(named_entries(ps, {true, true, true, true, true}), {});
+  for (size_t i = 1; i < ps.size(); ++i) {
+    EXPECT_TRUE(ps[i].impl()->storage == ps[0].impl()->storage) << i;
+    EXPECT_TRUE(opt.m(i).impl()->storage == opt.m(0).impl()->storage) << i;
+    EXPECT_TRUE(ps[i].requires_grad());
+  }
+  EXPECT_EQ(values(alias), before) << "the handle sees the same values at the new place";
+  EXPECT_EQ(alias.data_ptr(), ps[3].data_ptr());
+  EXPECT_FALSE(opt.copy(0).defined()) << "no copies unless asked for";
+}
+
+TEST(AdamWFlat, Bf16CopiesAreCastsOfTheMasters) {
+  std::vector<Tensor> ps = odd_params(320);
+  AdamW opt(named_entries(ps, {true, false, true, false, true}), {.lr = 0.1, .weight_decay = 0.1},
+            DType::BF16);
+  auto expect_copies_current = [&](const std::string& when) {
+    for (size_t i = 0; i < ps.size(); ++i) {
+      ASSERT_EQ(opt.copy(i).dtype(), DType::BF16);
+      EXPECT_EQ(values(opt.copy(i)), values(ps[i].to(DType::BF16))) << when << ", parameter " << i;
+    }
+  };
+  expect_copies_current("at construction");
+  for (int t = 1; t <= 3; ++t) {
+    for (size_t i = 0; i < ps.size(); ++i)
+      ps[i].mutable_grad() = i == 2 ? Tensor() : randn(ps[i].shape(), 500 + 10 * t + i, DType::F32);
+    opt.step();
+    expect_copies_current("after step " + std::to_string(t));
+  }
+  AutocastGuard bf16(DType::BF16);
+  EXPECT_EQ(autocast(ps[0]).data_ptr(), opt.copy(0).data_ptr()) << "autocast uses the copy";
+  // A write to a master behind the optimizer's back (a checkpoint load): no copy is used until
+  // the next step has written them all again, parameter 2 (no gradient) included.
+  {
+    autograd::NoGradGuard no_grad;
+    ps[2].copy_(randn(ps[2].shape(), 530, DType::F32));
+  }
+  const Tensor cast = autocast(ps[0]);
+  EXPECT_NE(cast.data_ptr(), opt.copy(0).data_ptr()) << "a stale copy must not be used";
+  EXPECT_EQ(values(cast), values(ps[0].to(DType::BF16)));
+  opt.step();
+  expect_copies_current("after the step that follows the write");
+  EXPECT_EQ(autocast(ps[2]).data_ptr(), opt.copy(2).data_ptr());
+}
+
+TEST(AdamWFlat, AutocastCopyGivesTheCastsGradient) {
+  Tensor p = randn({4, 6}, 540, DType::F32).set_requires_grad(true);
+  Tensor q = p.detach().clone().set_requires_grad(true);  // same values, no copy
+  AdamW opt({{"p", p, true}}, {}, DType::BF16);
+  const Tensor c = randn({4, 6}, 541, DType::F32);
+  {
+    AutocastGuard bf16(DType::BF16);
+    const Tensor a = autocast(p), b = autocast(q);
+    EXPECT_EQ(a.data_ptr(), opt.copy(0).data_ptr());
+    EXPECT_NE(b.data_ptr(), opt.copy(0).data_ptr());
+    EXPECT_EQ(a.dtype(), DType::BF16);
+    EXPECT_EQ(values(a), values(b));
+    sum(a.to(DType::F32) * c).backward();
+    sum(b.to(DType::F32) * c).backward();
+  }
+  ASSERT_TRUE(p.grad().defined());
+  EXPECT_EQ(p.grad().dtype(), DType::F32) << "the master's gradient is fp32";
+  EXPECT_EQ(values(p.grad()), values(q.grad()));
+}
+
+TEST(AdamWFlat, RefusesWhatItCannotLayOut) {
+  Tensor a = randn({3}, 550, DType::F32).set_requires_grad(true);
+  testing::expect_error([&] { AdamW({{"a", a, true}, {"b", randn({2}, 551), true}}, {}); },
+                        {"AdamW", "'b'", "one device and dtype"});
+  testing::expect_error([&] { AdamW({{"a", a, true}, {"b", a, true}}, {}); },
+                        {"AdamW", "'b'", "another name"});
+  testing::expect_error([&] { AdamW({{"a", randn({3}, 552)}}, {}, DType::BF16); },
+                        {"bf16 copy", "f32"});
+  AdamW opt({{"a", a, true}}, {});
+  a.set_data(a.detach().clone());  // what Module::to does
+  a.mutable_grad() = randn({3}, 553, DType::F32);
+  testing::expect_error([&] { opt.step(); }, {"'a'", "flat buffer", "HINT"});
+}
+
+TEST(ClipGradNormFlat, MatchesPerTensorClipping) {
+  std::vector<Tensor> ps, qs;  // f64: the two sums agree to rounding
+  for (const Shape& s : {Shape{3, 7}, Shape{65}, Shape{5}}) {
+    ps.push_back(randn(s, 560 + ps.size()).set_requires_grad(true));
+    qs.push_back(ps.back().detach().clone().set_requires_grad(true));
+  }
+  dist::FlatGrads fg(ps, std::numeric_limits<int64_t>::max());
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const Tensor g = randn(ps[i].shape(), 570 + i);
+    ps[i].mutable_grad().copy_(g);
+    qs[i].mutable_grad() = g.clone();
+  }
+  const double norm = clip_grad_norm(qs, 0.0);
+  EXPECT_NEAR(clip_grad_norm_flat(fg.buffer(), 0.0), norm, 1e-12 * norm);
+  EXPECT_NEAR(clip_grad_norm_flat(fg.buffer(), 2 * norm), norm, 1e-12 * norm) << "no clipping";
+  EXPECT_NEAR(clip_grad_norm_flat(fg.buffer(), norm / 3), norm, 1e-12 * norm);
+  clip_grad_norm(qs, norm / 3);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    EXPECT_TRUE(fg.holds(i)) << "scaled in place";
+    EXPECT_LT(testing::rel_rms(ps[i].grad(), qs[i].grad()), 1e-14) << i;
+  }
+  EXPECT_NEAR(clip_grad_norm_flat(fg.buffer(), 0.0), norm / 3, 1e-6);
+  // The padding between the gradients stays zero: the whole buffer's norm is theirs.
+  EXPECT_NEAR(std::sqrt(sum(mul(fg.buffer(), fg.buffer())).item<double>()), norm / 3, 1e-6);
+  // zero_grad zeroes and puts the views back after something replaced a gradient.
+  ps[1].mutable_grad() = Tensor();
+  EXPECT_FALSE(fg.holds(1));
+  fg.zero_grad();
+  for (size_t i = 0; i < ps.size(); ++i) EXPECT_TRUE(fg.holds(i));
+  EXPECT_EQ(clip_grad_norm_flat(fg.buffer(), 0.0), 0.0);
 }
 
 }  // namespace

@@ -1,11 +1,14 @@
 // Whole models on the GPU: the CUDA backend gives the CPU backend's loss and gradients for the same
 // weights (every mixer kind in one model, tied and untied), and bf16 mixed-precision training
-// steps are bitwise reproducible.
+// steps are bitwise reproducible, also the trainer's flat ones (bf16 weight copies from AdamW, flat
+// gradients), which match the per-tensor steps.
 #include <cstring>
+#include <limits>
 
 #include "gpu/cuda_testing.h"
 #include "layers/transformer.h"
 #include "train/autocast.h"
+#include "train/distributed.h"
 #include "train/optim.h"
 
 namespace nha {
@@ -131,6 +134,56 @@ TEST(CudaModel, TrainingStepsAreBitwiseDeterministic) {
   EXPECT_NE(a.first[0], a.first[2]) << "the steps changed the model";
   ASSERT_EQ(a.second.size(), b.second.size());
   for (size_t i = 0; i < a.second.size(); ++i) EXPECT_TRUE(a.second[i] == b.second[i]) << "weight " << i;
+}
+
+// The same three steps the way the trainer takes them: AdamW keeps the bf16 weight copies that
+// autocast uses, the gradients are one flat buffer, clipping is one reduction over it.
+std::pair<std::vector<float>, std::vector<std::vector<unsigned char>>> train_three_steps_flat() {
+  const ModelConfig c = mixed_config(false);
+  LanguageModel model(c, 7);
+  model.to(gpu());
+  std::vector<ParamEntry> entries;
+  for (const NamedParameter& p : model.named_parameters())
+    entries.push_back({p.name, p.tensor, true});
+  AdamW opt(entries, {.lr = 1e-2, .weight_decay = 0.1}, DType::BF16);
+  dist::FlatGrads grads(model.parameters(), std::numeric_limits<int64_t>::max());
+  std::vector<float> losses;
+  for (int step = 0; step < 3; ++step) {
+    auto [ids, targets] = batch(4, 64, c.vocab_size, 100 + step);
+    Tensor loss;
+    {
+      AutocastGuard autocast_guard(DType::BF16);
+      EXPECT_EQ(autocast(entries[1].param).data_ptr(), opt.copy(1).data_ptr())
+          << "the forward uses AdamW's bf16 copy";
+      loss = model.loss(ids.to(gpu()), targets.to(gpu()));
+    }
+    loss.backward();
+    clip_grad_norm_flat(grads.buffer(), 0.5);
+    opt.step();
+    grads.zero_grad();
+    losses.push_back(loss.item<float>());
+  }
+  std::vector<std::vector<unsigned char>> weights;
+  for (const Tensor& p : model.parameters()) weights.push_back(cudatest::bytes(p));
+  return {losses, weights};
+}
+
+TEST(CudaModel, FlatTrainingMatchesPerTensorTraining) {
+  NHA_SKIP_WITHOUT_CUDA();
+  const auto per_tensor = train_three_steps(), flat = train_three_steps_flat();
+  ASSERT_EQ(flat.first.size(), 3u);
+  // The first loss comes before any update: the bf16 copies are the casts, so the same bits.
+  EXPECT_EQ(std::memcmp(&flat.first[0], &per_tensor.first[0], sizeof(float)), 0);
+  // Later ones differ only by the rounding of the clipping factor (the gradient norm is summed
+  // over one buffer instead of tensor by tensor).
+  for (size_t i = 1; i < 3; ++i)
+    EXPECT_NEAR(flat.first[i], per_tensor.first[i], 1e-4 * std::fabs(per_tensor.first[i]))
+        << "step " << i;
+  const auto again = train_three_steps_flat();
+  for (size_t i = 0; i < 3; ++i)
+    EXPECT_EQ(std::memcmp(&flat.first[i], &again.first[i], sizeof(float)), 0) << "step " << i;
+  for (size_t i = 0; i < flat.second.size(); ++i)
+    EXPECT_TRUE(flat.second[i] == again.second[i]) << "weight " << i << " not deterministic";
 }
 
 }  // namespace

@@ -1,6 +1,11 @@
 // CUDA backend ops vs the CPU reference (float64 on the exact values the GPU sees), f32 and bf16,
 // odd sizes, outputs poisoned with NaN before every run.
+#include <limits>
+
 #include "gpu/cuda_testing.h"
+#include "train/autocast.h"
+#include "train/distributed.h"
+#include "train/optim.h"
 
 namespace nha {
 namespace {
@@ -224,6 +229,54 @@ TEST(CudaRmsNorm, ForwardBackwardMatchCpu) {
       }
 }
 
+// The residual add fused with RMSNorm: against the CPU in float64, and against the unfused CUDA
+// kernels (forward: the same bits; backward: dx = dh + the norm's dx, rounded once, not twice).
+TEST(CudaAddRmsNorm, ForwardBackwardMatchCpuAndUnfused) {
+  NHA_SKIP_WITHOUT_CUDA();
+  for (DType t : kTypes)
+    for (int64_t C : {203, 768})
+      for (int64_t N : {37, 3000}) {
+        SCOPED_TRACE(std::string(name(t)) + " C=" + std::to_string(C) + " N=" + std::to_string(N));
+        Tensor x = gpu_randn({N, C}, 80 + C, t, 2.0), d = gpu_randn({N, C}, 81 + N, t);
+        Tensor w = gpu_randn({C}, 82, t, 1.0);
+        Tensor h = poisoned({N, C}, t), out = poisoned({N, C}, t), rstd = poisoned({N}, DType::F32);
+        cuda_be().add_rmsnorm_forward(h, out, rstd, x, d, w, 1e-5);
+        Tensor rh = cpu_empty({N, C}), r = cpu_empty({N, C}), rr = cpu_empty({N});
+        cpu_be().add(rh, ref(x), ref(d), 1.0, 1.0);
+        EXPECT_LE(err(h, rh), tol(t)) << "h";
+        // The norm of the h the GPU stored (rounded to bf16 in bf16).
+        cpu_be().rmsnorm_forward(r, rr, ref(h), ref(w), 1e-5);
+        EXPECT_LE(err(out, r), tol(t)) << "out";
+        EXPECT_LE(err(rstd, rr), 1e-6) << "rstd";
+        Tensor h2 = poisoned({N, C}, t), out2 = poisoned({N, C}, t);
+        Tensor rstd2 = poisoned({N}, DType::F32);
+        cuda_be().add(h2, x, d, 1.0, 1.0);
+        cuda_be().rmsnorm_forward(out2, rstd2, h2, w, 1e-5);
+        EXPECT_EQ(bytes(h), bytes(h2)) << "fused h differs from add()";
+        EXPECT_EQ(bytes(out), bytes(out2)) << "fused out differs from add() + rmsnorm_forward()";
+        EXPECT_EQ(bytes(rstd), bytes(rstd2)) << "fused rstd differs";
+
+        Tensor g = gpu_randn({N, C}, 83 + N, t), gh = gpu_randn({N, C}, 84 + C, t);
+        for (DType dwt : {t, DType::F32}) {
+          Tensor dx = poisoned({N, C}, t), dw = poisoned({C}, dwt);
+          cuda_be().add_rmsnorm_backward(dx, dw, g, gh, h, w, rstd);
+          Tensor rdx = cpu_empty({N, C}), rdw = cpu_empty({C});
+          cpu_be().add_rmsnorm_backward(rdx, rdw, ref(g), ref(gh), ref(h), ref(w), rr);
+          EXPECT_LE(err(dx, rdx), tol(t)) << "dx";
+          EXPECT_LE(err(dw, rdw), tol(dwt)) << "dw " << name(dwt);
+          Tensor dx2 = poisoned({N, C}, t), dw2 = poisoned({C}, dwt);
+          cuda_be().add_rmsnorm_backward(dx2, dw2, g, gh, h, w, rstd);
+          EXPECT_EQ(bytes(dx2), bytes(dx)) << "dx not deterministic";
+          EXPECT_EQ(bytes(dw2), bytes(dw)) << "dw not deterministic";
+          Tensor dn = poisoned({N, C}, t), dw3 = poisoned({C}, dwt);
+          cuda_be().rmsnorm_backward(dn, dw3, g, h, w, rstd);
+          cuda_be().add(dn, dn, gh, 1.0, 1.0);
+          EXPECT_EQ(bytes(dw3), bytes(dw)) << "dw differs from rmsnorm_backward's";
+          EXPECT_LE(err(dx, ref(dn)), tol(t, 4e-3, 1e-6)) << "dx against the unfused kernels";
+        }
+      }
+}
+
 // ---- RoPE ------------------------------------------------------------------------------------------
 
 TEST(CudaRope, ForwardAndInverseMatchCpu) {
@@ -335,6 +388,121 @@ TEST(CudaAdamW, StepsMatchCpu) {
     EXPECT_LE(err(m, rm), tol(t)) << name(t);
     EXPECT_LE(err(v, rv), tol(t)) << name(t);
   }
+}
+
+// Flat AdamW: segments at odd offsets and sizes (element-by-element path), aligned ones (16-byte
+// packs), one over a thousand chunks (more chunks than blocks), mixed decay, gaps between them.
+// Elements outside the segments start as NaN and must stay NaN; inside, the result must match the
+// CPU in float64, the per-tensor CUDA kernel to the bit, and the bf16 copy the cast of the result.
+TEST(CudaAdamW, FlatMatchesCpuAndPerTensorAndTouchesOnlyItsSegments) {
+  NHA_SKIP_WITHOUT_CUDA();
+  const std::vector<int64_t> rows = {0,     37,      1,  // offset, numel, decay
+                                     40,    5,       0,  //
+                                     64,    12293,   1,  // 3 chunks of 4096 and 5 more
+                                     12400, 1,       0,  //
+                                     12416, 5000003, 1,  //
+                                     5012480, 771,   0};
+  const int64_t S = int64_t(rows.size()) / 3, total = 5012480 + 771 + 29;
+  std::vector<bool> inside(size_t(total), false);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t j = rows[3 * s]; j < rows[3 * s] + rows[3 * s + 1]; ++j) inside[size_t(j)] = true;
+  // N(0, std^2) (or |.| for v) inside the segments, NaN outside, as an f32 GPU tensor.
+  auto make = [&](uint64_t seed, double std, bool positive) {
+    std::vector<double> x = testing::randn({total}, seed, DType::F64, std).to_vector<double>();
+    for (size_t j = 0; j < x.size(); ++j)
+      x[j] = !inside[j] ? std::numeric_limits<double>::quiet_NaN()
+                        : positive ? std::fabs(x[j]) : x[j];
+    return Tensor::from_vector<double>(x, {total}).to(DType::F32).to(gpu());
+  };
+  Tensor p = make(130, 1.0, false), m = make(131, 0.01, false), v = make(132, 1e-3, true);
+  Tensor copy = poisoned({total}, DType::BF16);
+  // The per-tensor kernel on each segment of twins of the buffers.
+  Tensor p2 = p.clone(), m2 = m.clone(), v2 = v.clone();
+  Tensor rp = ref(p), rm = ref(m), rv = ref(v), rcopy;
+  const Tensor segments = Tensor::from_vector<int64_t>(rows, {S, 3}).to(gpu());
+  const Tensor rsegments = Tensor::from_vector<int64_t>(rows, {S, 3});
+  for (int s = 1; s <= 3; ++s) {
+    const Tensor g = make(133 + s, 1.0, false);
+    cuda_be().adamw_step_flat(p, g, m, v, copy, segments, 1e-2, 0.9, 0.95, 1e-8, 0.1, s);
+    cpu_be().adamw_step_flat(rp, ref(g), rm, rv, rcopy, rsegments, 1e-2, 0.9, 0.95, 1e-8, 0.1, s);
+    for (int64_t k = 0; k < S; ++k) {
+      const int64_t off = rows[3 * k], n = rows[3 * k + 1];
+      Tensor ps = p2.slice(0, off, off + n), ms = m2.slice(0, off, off + n),
+             vs = v2.slice(0, off, off + n);
+      cuda_be().adamw_step(ps, g.slice(0, off, off + n), ms, vs, 1e-2, 0.9, 0.95, 1e-8,
+                           rows[3 * k + 2] != 0 ? 0.1 : 0.0, s);
+    }
+  }
+  EXPECT_EQ(bytes(p), bytes(p2)) << "flat and per-tensor kernels differ";
+  EXPECT_EQ(bytes(m), bytes(m2));
+  EXPECT_EQ(bytes(v), bytes(v2));
+  const std::vector<double> hp = p.to(Device::cpu()).to_vector<double>(),
+                            hm = m.to(Device::cpu()).to_vector<double>(),
+                            hv = v.to(Device::cpu()).to_vector<double>(),
+                            hc = copy.to(Device::cpu()).to_vector<double>(),
+                            hcast = p.to(DType::BF16).to(Device::cpu()).to_vector<double>(),
+                            rpv = rp.to_vector<double>(), rmv = rm.to_vector<double>(),
+                            rvv = rv.to_vector<double>();
+  // Compare inside the segments; count what happened outside them.
+  std::vector<double> in_p, in_rp, in_m, in_rm, in_v, in_rv;
+  int64_t written_outside = 0, copy_mismatch = 0;
+  for (size_t j = 0; j < size_t(total); ++j) {
+    if (!inside[j]) {
+      written_outside += !std::isnan(hp[j]) + !std::isnan(hm[j]) + !std::isnan(hv[j]) +
+                         !std::isnan(hc[j]);
+      continue;
+    }
+    in_p.push_back(hp[j]);
+    in_rp.push_back(rpv[j]);
+    in_m.push_back(hm[j]);
+    in_rm.push_back(rmv[j]);
+    in_v.push_back(hv[j]);
+    in_rv.push_back(rvv[j]);
+    copy_mismatch += !(hc[j] == hcast[j]);
+  }
+  EXPECT_EQ(written_outside, 0) << "elements outside every segment were written";
+  EXPECT_EQ(copy_mismatch, 0) << "the bf16 copy is not the cast of the updated parameters";
+  auto host_tensor = [](const std::vector<double>& x) {
+    return Tensor::from_vector<double>(x, {int64_t(x.size())});
+  };
+  EXPECT_LE(testing::rel_rms(host_tensor(in_p), host_tensor(in_rp)), 1e-6) << "p";
+  EXPECT_LE(testing::rel_rms(host_tensor(in_m), host_tensor(in_rm)), 1e-5) << "m";
+  EXPECT_LE(testing::rel_rms(host_tensor(in_v), host_tensor(in_rv)), 1e-5) << "v";
+}
+
+// The AdamW class on the GPU (flat gradients, bf16 copies) against a CPU AdamW with separate
+// gradients: the same parameters up to f32-vs-f64 rounding, and copies equal to casts.
+TEST(CudaAdamW, OptimizerWithFlatGradientsAndCopiesMatchesCpu) {
+  NHA_SKIP_WITHOUT_CUDA();
+  std::vector<Tensor> gp, cp;
+  std::vector<ParamEntry> ge, ce;
+  const Shape shapes[] = {{3, 7}, {768}, {5}, {203, 9}};
+  for (size_t i = 0; i < 4; ++i) {
+    cp.push_back(testing::randn(shapes[i], 140 + i, DType::F32).set_requires_grad(true));
+    gp.push_back(cp.back().detach().to(gpu()).set_requires_grad(true));
+    ge.push_back({"p" + std::to_string(i), gp.back(), i % 2 == 0});
+    ce.push_back({"p" + std::to_string(i), cp.back(), i % 2 == 0});
+  }
+  const AdamWOptions o{.lr = 1e-2, .weight_decay = 0.1};
+  AdamW gpu_opt(ge, o, DType::BF16), cpu_opt(ce, o);
+  dist::FlatGrads grads(gp, std::numeric_limits<int64_t>::max());
+  for (int s = 1; s <= 3; ++s) {
+    grads.zero_grad();
+    for (size_t i = 0; i < gp.size(); ++i) {
+      const Tensor g = testing::randn(shapes[i], 150 + 10 * s + i, DType::F32);
+      gp[i].mutable_grad().copy_(g);
+      cp[i].mutable_grad() = g;
+    }
+    gpu_opt.step();
+    cpu_opt.step();
+    for (size_t i = 0; i < gp.size(); ++i) {
+      EXPECT_LE(err(gp[i], cp[i].to(DType::F64)), 1e-6) << "step " << s << ", parameter " << i;
+      EXPECT_EQ(bytes(gpu_opt.copy(i)), bytes(gp[i].to(DType::BF16)))
+          << "step " << s << ", copy " << i;
+    }
+  }
+  AutocastGuard bf16(DType::BF16);
+  EXPECT_EQ(autocast(gp[1]).data_ptr(), gpu_opt.copy(1).data_ptr());
 }
 
 }  // namespace
