@@ -12,6 +12,7 @@
 
 #include "common/testing.h"
 #include "data/shards.h"
+#include "kernels/backend.h"
 #include "train/autocast.h"
 #include "train/metrics.h"
 #include "train/plot.h"
