@@ -64,9 +64,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
+#include <string>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/mma.cuh"
 
 namespace nha {
 
@@ -103,10 +106,12 @@ __host__ __device__ constexpr size_t up16(size_t n) { return (n + 15) & ~size_t(
 //     row-strided and column-strided accesses of a warp hit 32 different banks (D % 8 == 0);
 //   M-buffers [C][lm1] f32, lm1 = M+1 for even M (odd stride);  C-buffers [C][C+1] f32;
 //   row vectors [C] f32.
+//   tensor-core path only: one state [D][M] or [M][D] staged as split bf16, hi and lo halves of
+//     st_elems each (rows padded by 8 with zeros), after everything else (sb bytes).
 struct Layout {
-  int C, D, M, ldt, lm1, lc1;
-  size_t tb, mb, cb, rb;
-  __host__ __device__ Layout(int C_, int D_, int M_, int tsize) : C(C_), D(D_), M(M_) {
+  int C, D, M, ldt, lm1, lc1, st_elems;
+  size_t tb, mb, cb, rb, sb;
+  __host__ __device__ Layout(int C_, int D_, int M_, int tsize, bool tc) : C(C_), D(D_), M(M_) {
     ldt = D + 4 / tsize;
     lm1 = (M % 2 == 0) ? M + 1 : M;
     lc1 = C + 1;
@@ -114,12 +119,15 @@ struct Layout {
     mb = up16(size_t(C) * lm1 * 4);
     cb = up16(size_t(C) * lc1 * 4);
     rb = up16(size_t(C) * 4);
+    const int dm = D * (M + 8), md = M * (D + 8);
+    st_elems = int(up16(size_t(dm > md ? dm : md)));
+    sb = tc ? 2 * size_t(st_elems) * 2 : 0;
   }
-  size_t contrib_bytes() const { return 2 * tb + 2 * mb; }
-  size_t forward_bytes() const { return 2 * tb + 3 * mb + cb + 3 * rb; }
-  size_t dlogits_bytes() const { return 3 * tb + 5 * mb + cb + 3 * rb; }
-  size_t grads_bytes() const { return 4 * tb + 5 * mb + 2 * cb + rb; }
-  size_t max_bytes() const {
+  __host__ __device__ size_t contrib_bytes() const { return 2 * tb + 2 * mb; }
+  __host__ __device__ size_t forward_bytes() const { return 2 * tb + 3 * mb + cb + 3 * rb + sb; }
+  __host__ __device__ size_t dlogits_bytes() const { return 3 * tb + 5 * mb + cb + 3 * rb + sb; }
+  __host__ __device__ size_t grads_bytes() const { return 4 * tb + 5 * mb + 2 * cb + rb + sb; }
+  __host__ __device__ size_t max_bytes() const {
     size_t a = contrib_bytes() > forward_bytes() ? contrib_bytes() : forward_bytes();
     size_t b = dlogits_bytes() > grads_bytes() ? dlogits_bytes() : grads_bytes();
     return a > b ? a : b;
@@ -132,6 +140,7 @@ struct Layout {
 // reads of the column operand). r[] / c[] are clamped into range for reading; rv / cv say which are
 // real (write only those).
 struct Tile {
+  static constexpr int kR = kTM, kC = kTN;
   int r[kTM], c[kTN];
   bool rv[kTM], cv[kTN];
 };
@@ -156,8 +165,9 @@ __device__ __forceinline__ void for_tiles(int R, int Cc, Body&& body) {
     body(tl);
   }
 }
-// acc[v][u] += sum_{k < K} a(r[v], k) * b(k, c[u])
-template <class FA, class FB>
+// acc[v][u] += sum_{k < K} a(r[v], k) * b(k, c[u])   (the split flags are the tensor-core
+// version's; f32 FMAs are exact enough as they are)
+template <bool kSplitA = false, bool kSplitB = false, class FA, class FB>
 __device__ __forceinline__ void mm_acc(float (&acc)[kTM][kTN], const Tile& tl, int K, FA&& a,
                                        FB&& b) {
 #pragma unroll 2
@@ -174,22 +184,239 @@ __device__ __forceinline__ void mm_acc(float (&acc)[kTM][kTN], const Tile& tl, i
   }
 }
 
+// ---- block matrix products on tensor cores (the bf16 path) ---------------------------------------
+// The same contract as for_tiles / mm_acc, on mma.sync m16n8k16 (bf16 operands, f32 accumulators).
+// A warp owns a strip of 16 rows x 32 columns (four n8 tiles); the thread's accumulators are rows
+// r[v] = r0 + g + 8v (g = lane/4) x columns c[u] = c0 + 8(u/2) + 2(lane%4) + u%2, so an epilogue
+// written for for_tiles (loops over kR x kC, rv/cv checks) serves both. bc[n] = c0 + 8n + g are the
+// columns whose B fragments the thread loads; nt = the n8 tiles with any column inside.
+//
+// Precision. Operands read from the bf16 inputs (q, k, v, dO) are exact in bf16. Every other operand
+// (states, gates, softmax weights, logit gradients, decay-weighted gates) is f32 and is split into
+// two bf16 values, x = hi + lo + O(2^-17 |x|), and the product is taken as hi*hi + hi*lo + lo*hi
+// (two or three mma.sync): ~16 significant bits instead of bf16's 8. Plain bf16 operands are not
+// enough here: with strong decay (gate logits f ~ N(-12, 2), no window) the slot values are nearly
+// one vector, so dpm_i[s] = dO'_i . Hv_i[s] is nearly constant over s and dlm = pm (dpm - c) is a
+// small difference of large numbers; dq and dk then sum dlm against slot-wise decay factors that are
+// again nearly constant over s (dA_ij = sum_s dlm_i[s] S'_j[s] D_ij[s], dlm 2^B Hk^T, S~ dHk^T):
+// a second cancellation. Rounding any of these f32 operands to bf16 (relative error 2^-9) was
+// amplified ~50-100x and gave dq, dk at ~0.1 relative RMS error; split operands keep them at the
+// f32 path's accuracy times the same factor.
+struct TcTile {
+  static constexpr int kR = 2, kC = 8;
+  int r0, c0, nt;
+  int r[kR], c[kC], bc[4];
+  bool rv[kR], cv[kC];
+};
+template <class Body>
+__device__ __forceinline__ void for_tc_tiles(int R, int Cc, Body&& body) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, q2 = (lane & 3) * 2;
+  const int ncs = (Cc + 31) / 32, nrs = (R + 15) / 16;
+  for (int task = warp; task < nrs * ncs; task += nwarps) {
+    TcTile tl;
+    tl.r0 = (task / ncs) * 16;
+    tl.c0 = (task % ncs) * 32;
+    tl.nt = min(4, (Cc - tl.c0 + 7) / 8);
+#pragma unroll
+    for (int v = 0; v < TcTile::kR; ++v) {
+      const int r = tl.r0 + g + 8 * v;
+      tl.rv[v] = r < R;
+      tl.r[v] = r < R ? r : R - 1;
+    }
+#pragma unroll
+    for (int u = 0; u < TcTile::kC; ++u) {
+      const int c = tl.c0 + 8 * (u >> 1) + q2 + (u & 1);
+      tl.cv[u] = c < Cc;
+      tl.c[u] = c < Cc ? c : Cc - 1;
+    }
+#pragma unroll
+    for (int n = 0; n < 4; ++n) tl.bc[n] = min(tl.c0 + 8 * n + g, Cc - 1);
+    body(tl);
+  }
+}
+// for_tiles on CUDA cores or tensor cores (kTc: the bf16 path unless NHA_CUDA_NHA_FMA=1).
+template <bool kTc, class Body>
+__device__ __forceinline__ void for_tiles_of(int R, int Cc, Body&& body) {
+  if constexpr (kTc)
+    for_tc_tiles(R, Cc, body);
+  else
+    for_tiles(R, Cc, body);
+}
+// An operand matrix of the chunk's bf16 (or f32) inputs in shared memory: element (x, y) =
+// p[x s0 + y s1], where (x, y) = (row, k) for an A operand and (k, column) for a B operand. On the
+// tensor-core path its k-pairs are loaded as one bf16x2 word (k-contiguous) or two 16-bit loads,
+// with no f32 round trip; elsewhere it is an ordinary element functor.
+template <typename T>
+struct SmemMat {
+  const T* p;
+  int s0, s1;
+  __device__ __forceinline__ float operator()(int x, int y) const { return to_f32(p[x * s0 + y * s1]); }
+};
+template <class F>
+constexpr bool kIsBf16Mat = std::is_same_v<std::decay_t<F>, SmemMat<bf16_t>>;
+// The elements (x, y) and (x, y + 1) (kAlongY) or (x, y), (x + 1, y) of a bf16 SmemMat as bf16x2;
+// k is the coordinate that steps (y or x), elements at k >= kend are 0.
+template <bool kAlongY>
+__device__ __forceinline__ uint32_t bf16_pair(const SmemMat<bf16_t>& m, int x, int y, int k,
+                                              int kend) {
+  const bf16_t* e = m.p + x * m.s0 + y * m.s1;
+  const int step = kAlongY ? m.s1 : m.s0;
+  if (k + 1 < kend && step == 1) return *reinterpret_cast<const uint32_t*>(e);
+  const uint32_t lo = k < kend ? *reinterpret_cast<const uint16_t*>(e) : 0u;
+  const uint32_t hi = k + 1 < kend ? *reinterpret_cast<const uint16_t*>(e + step) : 0u;
+  return lo | (hi << 16);
+}
+// A state operand [R][X] f32 in global memory, element (x, y) = p[x X + y] (the CUDA-core path).
+struct GlobalMat {
+  const float* p;
+  int X;
+  __device__ __forceinline__ float operator()(int x, int y) const { return __ldg(p + x * X + y); }
+};
+// The same state staged in shared memory as split bf16 (the tensor-core path): hi + lo = x, the
+// split done once per block instead of once per fragment, the fragments read as bf16 pairs.
+struct SplitMat {
+  SmemMat<bf16_t> hi, lo;
+};
+template <class F>
+constexpr bool kIsSplitMat = std::is_same_v<std::decay_t<F>, SplitMat>;
+// hi, lo [R][X + 8] bf16 (the 8 pad columns zero) = split(src [R][X] f32). All threads call it,
+// between barriers.
+__device__ __forceinline__ SplitMat stage_state(bf16_t* hi, bf16_t* lo, const float* __restrict__ src,
+                                                int R, int X) {
+  const int ld = X + 8;
+  for (int e = threadIdx.x; e < R * ld; e += blockDim.x) {
+    const int x = e / ld, y = e - x * ld;
+    const float v = y < X ? __ldg(src + x * X + y) : 0.f;
+    const bf16_t h = __float2bfloat16_rn(v);
+    hi[e] = h;
+    lo[e] = __float2bfloat16_rn(v - __bfloat162float(h));
+  }
+  return SplitMat{{hi, ld, 1}, {lo, ld, 1}};
+}
+// A state [R][X] (global, f32) as a product operand: staged as split bf16 in `stage` (hi, then lo
+// at + st_elems) on the tensor-core path, read from global memory on the CUDA-core path. All
+// threads call it; on the tensor-core path it waits for the stage's earlier readers first.
+template <bool kTc>
+__device__ __forceinline__ auto state_operand(bf16_t* stage, int st_elems, const float* g, int R,
+                                              int X) {
+  if constexpr (kTc) {
+    __syncthreads();
+    const SplitMat m = stage_state(stage, stage + st_elems, g, R, X);
+    __syncthreads();
+    return m;
+  } else {
+    return GlobalMat{g, X};
+  }
+}
+// Two f32 values as a bf16x2 register (low half = x0) and, when split, the rounding remainders.
+template <bool kSplit>
+__device__ __forceinline__ void to_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  if constexpr (kSplit) {
+    const float2 f = __bfloat1622float2(h);
+    lo = pack_bf16(x0 - f.x, x1 - f.y);
+  }
+}
+// acc[v][u] += sum_{kbeg <= k < kend} a(r[v], k) * b(k, c[u]); kbeg a multiple of 16 past which the
+// strip's k range starts (the sub-chunk forms), k >= kend read as 0. All lanes of the warp call it.
+template <bool kSplitA, bool kSplitB, class FA, class FB>
+__device__ __forceinline__ void mm_acc_range(float (&acc)[2][8], const TcTile& tl, int kbeg,
+                                             int kend, FA&& a, FB&& b) {
+  const int q2 = (threadIdx.x & 3) * 2;
+  // Operands in shared memory as bf16 (inputs, staged states) give their pairs directly.
+  auto a_pair = [&](int v, int k, uint32_t& hi, uint32_t& lo) {
+    if constexpr (kIsBf16Mat<FA>) {
+      hi = bf16_pair<true>(a, tl.r[v], k, k, kend);
+    } else if constexpr (kIsSplitMat<FA>) {
+      static_assert(kSplitA, "a split operand needs the split product");
+      hi = bf16_pair<true>(a.hi, tl.r[v], k, k, kend);
+      lo = bf16_pair<true>(a.lo, tl.r[v], k, k, kend);
+    } else {
+      to_bf16x2<kSplitA>(k < kend ? a(tl.r[v], k) : 0.f, k + 1 < kend ? a(tl.r[v], k + 1) : 0.f,
+                         hi, lo);
+    }
+  };
+  auto b_pair = [&](int c, int k, uint32_t& hi, uint32_t& lo) {
+    if constexpr (kIsBf16Mat<FB>) {
+      hi = bf16_pair<false>(b, k, c, k, kend);
+    } else if constexpr (kIsSplitMat<FB>) {
+      static_assert(kSplitB, "a split operand needs the split product");
+      hi = bf16_pair<false>(b.hi, k, c, k, kend);
+      lo = bf16_pair<false>(b.lo, k, c, k, kend);
+    } else {
+      to_bf16x2<kSplitB>(k < kend ? b(k, c) : 0.f, k + 1 < kend ? b(k + 1, c) : 0.f, hi, lo);
+    }
+  };
+  for (int k0 = kbeg; k0 < kend; k0 += 16) {
+    uint32_t ah[4], al[4];
+    a_pair(0, k0 + q2, ah[0], al[0]);
+    a_pair(1, k0 + q2, ah[1], al[1]);
+    a_pair(0, k0 + q2 + 8, ah[2], al[2]);
+    a_pair(1, k0 + q2 + 8, ah[3], al[3]);
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      if (n >= tl.nt) break;
+      uint32_t bh0, bl0, bh1, bl1;
+      b_pair(tl.bc[n], k0 + q2, bh0, bl0);
+      b_pair(tl.bc[n], k0 + q2 + 8, bh1, bl1);
+      float d[4] = {acc[0][2 * n], acc[0][2 * n + 1], acc[1][2 * n], acc[1][2 * n + 1]};
+      mma16816(d, ah, bh0, bh1);
+      if constexpr (kSplitB) mma16816(d, ah, bl0, bl1);
+      if constexpr (kSplitA) mma16816(d, al, bh0, bh1);
+      acc[0][2 * n] = d[0];
+      acc[0][2 * n + 1] = d[1];
+      acc[1][2 * n] = d[2];
+      acc[1][2 * n + 1] = d[3];
+    }
+  }
+}
+template <bool kSplitA = false, bool kSplitB = false, class FA, class FB>
+__device__ __forceinline__ void mm_acc(float (&acc)[2][8], const TcTile& tl, int K, FA&& a,
+                                       FB&& b) {
+  mm_acc_range<kSplitA, kSplitB>(acc, tl, 0, K, a, b);
+}
+
 // ---- chunk loading -------------------------------------------------------------------------------------
 // dst[i][c] (row stride ld) = x[b, t0 + i - shift, h, c] for c < X, i < C; 0 where the source row
 // is before 0 or the row t0 + i is at or past T.   x [B, T, H, X]
+// Rows are read in 16-byte packs where X and x allow it (each thread issues one load per pack
+// instead of one per element: the loads were a large share of the chunk kernels' instructions).
 template <typename Td, typename Tx>
 __device__ __forceinline__ void load_rows(Td* dst, int ld, const Tx* __restrict__ x, int b, int h,
                                           int T, int H, int X, int t0, int shift, int C) {
-  for (int e = threadIdx.x; e < C * X; e += blockDim.x) {
-    const int i = e / X, c = e - i * X, t = t0 + i, src = t - shift;
-    float val = 0.f;
-    if (t < T && src >= 0) val = to_f32(x[((int64_t(b) * T + src) * H + h) * X + c]);
-    dst[i * ld + c] = from_f32<Td>(val);
+  constexpr int kV = kVec16<Tx>;
+  const bool packed = X % kV == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+  const int per_row = packed ? X / kV : X, width = packed ? kV : 1;
+  for (int e = threadIdx.x; e < C * per_row; e += blockDim.x) {
+    const int i = e / per_row, c = (e - i * per_row) * width, t = t0 + i, src = t - shift;
+    const bool inside = t < T && src >= 0;
+    const Tx* row = x + ((int64_t(b) * T + src) * H + h) * X + c;
+    Td* out = dst + i * ld + c;
+    if (packed) {
+      Pack<Tx, kV> v{};
+      if (inside) v = load_pack<Tx, kV>(row);
+#pragma unroll
+      for (int u = 0; u < kV; ++u) out[u] = from_f32<Td>(to_f32(v.v[u]));
+    } else {
+      out[0] = from_f32<Td>(inside ? to_f32(row[0]) : 0.f);
+    }
   }
 }
 // Per-(b,h) f32 rows [Tp][M] of a scratch array into sdst [C][ld].
 __device__ __forceinline__ void load_scratch_rows(float* sdst, int ld, const float* __restrict__ src,
                                                   int C, int M) {
+  if (M % 4 == 0) {  // scratch arrays are allocation-aligned and M % 4 == 0 keeps rows 16-byte aligned
+    const int per_row = M / 4;
+    for (int e = threadIdx.x; e < C * per_row; e += blockDim.x) {
+      const int i = e / per_row, s = (e - i * per_row) * 4;
+      const Pack<float, 4> v = load_pack<float, 4>(src + int64_t(i) * M + s);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) sdst[i * ld + s + u] = v.v[u];
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
     const int i = e / M, s = e - i * M;
     sdst[i * ld + s] = src[int64_t(i) * M + s];
@@ -216,76 +443,147 @@ __device__ __forceinline__ void tri_pair(int p, int& i, int& j) {
 }
 // sOut[i][j] = sum_s X_i[s] S'_j[s] D_ij[s] for j <= i, 0 for j > i.   X, S', B [C][lm1]; out [C][lc1]
 // (W with X = pm, dA with X = dlm). rowscale (optional, [C]) multiplies row i.
+// bf16 path (tensor cores), in 16-row sub-chunks: for j before the sub-chunk of i, whose first row
+// is r0, D_ij = 2^{B_i - B_r0} 2^{B_r0 - B_j} with both factors <= 1, so those entries are one
+// product [C x M] x [M x C] of decay-weighted operands; the pairs inside the sub-chunk (r0 <= j <= i)
+// take one exp2 per term as on the f32 path.
+template <bool kTc>
 __device__ __forceinline__ void pair_weights(float* sOut, const float* sX, const float* sS,
                                              const float* sB, const float* rowscale,
                                              const Layout& L) {
-  const int C = L.C, M = L.M;
-  for (int p = threadIdx.x; p < C * (C + 1) / 2; p += blockDim.x) {
-    int i, j;
-    tri_pair(p, i, j);
-    const float* xi = sX + i * L.lm1;
-    const float* bi = sB + i * L.lm1;
-    const float* sj = sS + j * L.lm1;
-    const float* bj = sB + j * L.lm1;
-    float acc = 0.f;
-    for (int s = 0; s < M; ++s) acc += xi[s] * sj[s] * exp2f(bi[s] - bj[s]);
-    sOut[i * L.lc1 + j] = rowscale ? acc * rowscale[i] : acc;
+  if constexpr (kTc) {
+    const int C = L.C, M = L.M, lm1 = L.lm1, lc1 = L.lc1;
+    for_tc_tiles(C, C, [&](const TcTile& tl) {
+      const int r0 = tl.r0;
+      if (tl.c0 >= r0) return;  // every column is in the sub-chunk or after it: the direct pass
+      const float* br = sB + r0 * lm1;
+      float acc[2][8] = {};
+      mm_acc_range<true, true>(
+          acc, tl, 0, M, [&](int i, int s) { return sX[i * lm1 + s] * exp2f(sB[i * lm1 + s] - br[s]); },
+          [&](int s, int j) { return j < r0 ? sS[j * lm1 + s] * exp2f(br[s] - sB[j * lm1 + s]) : 0.f; });
+#pragma unroll
+      for (int v = 0; v < TcTile::kR; ++v)
+#pragma unroll
+        for (int u = 0; u < TcTile::kC; ++u)
+          if (tl.rv[v] && tl.cv[u] && tl.c[u] < r0) {
+            const int i = tl.r[v];
+            sOut[i * lc1 + tl.c[u]] = rowscale ? acc[v][u] * rowscale[i] : acc[v][u];
+          }
+    });
+    for (int e = threadIdx.x; e < C * C; e += blockDim.x) {
+      const int i = e / C, j = e - i * C;
+      if (j < (i & ~15)) continue;
+      float acc = 0.f;
+      if (j <= i) {
+        for (int s = 0; s < M; ++s)
+          acc += sX[i * lm1 + s] * sS[j * lm1 + s] * exp2f(sB[i * lm1 + s] - sB[j * lm1 + s]);
+        if (rowscale) acc *= rowscale[i];
+      }
+      sOut[i * lc1 + j] = acc;
+    }
+  } else {
+    const int C = L.C, M = L.M;
+    for (int p = threadIdx.x; p < C * (C + 1) / 2; p += blockDim.x) {
+      int i, j;
+      tri_pair(p, i, j);
+      const float* xi = sX + i * L.lm1;
+      const float* bi = sB + i * L.lm1;
+      const float* sj = sS + j * L.lm1;
+      const float* bj = sB + j * L.lm1;
+      float acc = 0.f;
+      for (int s = 0; s < M; ++s) acc += xi[s] * sj[s] * exp2f(bi[s] - bj[s]);
+      sOut[i * L.lc1 + j] = rowscale ? acc * rowscale[i] : acc;
+    }
+    for (int e = threadIdx.x; e < C * C; e += blockDim.x) {
+      const int i = e / C, j = e - i * C;
+      if (j > i) sOut[i * L.lc1 + j] = 0.f;
+    }
   }
-  for (int e = threadIdx.x; e < C * C; e += blockDim.x) {
-    const int i = e / C, j = e - i * C;
-    if (j > i) sOut[i * L.lc1 + j] = 0.f;
+}
+
+// dst[i][s] += sum_{j <= i} coef_ij S'_j[s] D_ij[s]   (the in-chunk part of lm with coef = A, of
+// dpm with coef = E).   coef [C][lc1]; S', B, dst [C][lm1]. Starts after a barrier, ends with one.
+// bf16 path: the same sub-chunk split as pair_weights (earlier sub-chunks through the reference row
+// r0 on tensor cores, the own sub-chunk directly).
+template <bool kTc>
+__device__ void add_decayed_rows(float* dst, const float* coef, const float* sS, const float* sB,
+                                 const Layout& L) {
+  const int C = L.C, M = L.M, lm1 = L.lm1, lc1 = L.lc1;
+  int jfirst = 0;  // f32: every j <= i directly
+  if constexpr (kTc) {
+    for_tc_tiles(C, M, [&](const TcTile& tl) {
+      const int r0 = tl.r0;
+      if (r0 == 0) return;
+      const float* br = sB + r0 * lm1;
+      float acc[2][8] = {};
+      mm_acc_range<true, true>(
+          acc, tl, 0, r0, [&](int i, int j) { return coef[i * lc1 + j]; },
+          [&](int j, int s) { return sS[j * lm1 + s] * exp2f(br[s] - sB[j * lm1 + s]); });
+#pragma unroll
+      for (int v = 0; v < TcTile::kR; ++v)
+#pragma unroll
+        for (int u = 0; u < TcTile::kC; ++u)
+          if (tl.rv[v] && tl.cv[u]) {
+            const int i = tl.r[v], s = tl.c[u];
+            dst[i * lm1 + s] += acc[v][u] * exp2f(sB[i * lm1 + s] - br[s]);
+          }
+    });
+    __syncthreads();
+    jfirst = ~15;  // then only r0 = (i & ~15) <= j <= i directly
   }
+  for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
+    const int i = e / M, s = e - i * M;
+    const float bi = sB[i * lm1 + s];
+    float acc = dst[i * lm1 + s];
+    for (int j = i & jfirst; j <= i; ++j)
+      acc += coef[i * lc1 + j] * sS[j * lm1 + s] * exp2f(bi - sB[j * lm1 + s]);
+    dst[i * lm1 + s] = acc;
+  }
+  __syncthreads();
 }
 
 // Memory-branch logits and softmax of one chunk (shared by the forward and the backward):
 //   sA [C][lc1] = A = scale Q K'^T (j <= i; 0 above the diagonal)
 //   sP [C][lm1] = pm = softmax_s(lm),  lm_i = scale (q_i Hk) ⊙ 2^{B_i} + sum_{j<=i} A_ij S'_j ⊙ D_ij
 //   sLM (optional) = lm;  sLse [C] = logsumexp_s(lm_i)
-// Inputs: sQ, sK [C][ldt]; sS, sB [C][lm1]; Hk [D][M] (global, the state at the chunk start).
+// Inputs: sQ, sK [C][ldt]; sS, sB [C][lm1]; Hk [D][M] (state_operand: the state at the chunk start).
 // Starts with the block's inputs loaded (after a barrier) and ends with a barrier.
-template <typename Tv>
+template <bool kTc, typename Tv, class HkOp>
 __device__ void memory_logits(const NhaParams& p, const Layout& L, const Tv* sQ, const Tv* sK,
                               const float* sS, const float* sB, float* sP, float* sA, float* sLM,
-                              float* sLse, const float* __restrict__ Hk) {
+                              float* sLse, const HkOp& Hk) {
   const int C = L.C, D = L.D, M = L.M, ldt = L.ldt, lm1 = L.lm1, lc1 = L.lc1;
   const float scale = p.scale;
-  for_tiles(C, C, [&](const Tile& tl) {
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, D, [&](int i, int d) { return to_f32(sQ[i * ldt + d]); },
-           [&](int d, int j) { return to_f32(sK[j * ldt + d]); });
+  for_tiles_of<kTc>(C, C, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc(acc, tl, D, SmemMat<Tv>{sQ, ldt, 1},
+           SmemMat<Tv>{sK, 1, ldt});
 #pragma unroll
-    for (int v = 0; v < kTM; ++v)
+    for (int v = 0; v < TL::kR; ++v)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[v] && tl.cv[u]) {
           const int i = tl.r[v], j = tl.c[u];
           sA[i * lc1 + j] = j <= i ? scale * acc[v][u] : 0.f;
         }
   });
-  for_tiles(C, M, [&](const Tile& tl) {
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, D, [&](int i, int d) { return to_f32(sQ[i * ldt + d]); },
-           [&](int d, int s) { return __ldg(Hk + d * M + s); });
+  for_tiles_of<kTc>(C, M, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<false, true>(acc, tl, D, SmemMat<Tv>{sQ, ldt, 1},
+           Hk);
 #pragma unroll
-    for (int v = 0; v < kTM; ++v)
+    for (int v = 0; v < TL::kR; ++v)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[v] && tl.cv[u]) {
           const int i = tl.r[v], s = tl.c[u];
           sP[i * lm1 + s] = scale * acc[v][u] * exp2f(sB[i * lm1 + s]);
         }
   });
   __syncthreads();
-  // intra-chunk part, one (i, s) per thread step
-  for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
-    const int i = e / M, s = e - i * M;
-    const float bi = sB[i * lm1 + s];
-    float acc = sP[i * lm1 + s];
-    for (int j = 0; j <= i; ++j)
-      acc += sA[i * lc1 + j] * sS[j * lm1 + s] * exp2f(bi - sB[j * lm1 + s]);
-    sP[i * lm1 + s] = acc;
-  }
-  __syncthreads();
+  add_decayed_rows<kTc>(sP, sA, sS, sB, L);  // + the in-chunk part
   // softmax over the slots, one warp per row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   for (int i = warp; i < C; i += nwarps) {
@@ -309,12 +607,12 @@ __device__ void memory_logits(const NhaParams& p, const Layout& L, const Tv* sQ,
 
 // ==== (1) chunk state contributions ===================================================================
 // states[bh][n] = (K'^T S~ [D][M], S~^T V' [M][D]);  bl[bh][n] = b.   Grid (N, B*H).
-template <typename Tv, typename Ts>
+template <typename Tv, typename Ts, bool kTc>
 __global__ void __launch_bounds__(kThreads)
     nha_contrib_kernel(const NhaParams p, const Tv* __restrict__ k, const Tv* __restrict__ v,
                        const Ts* __restrict__ s, const Ts* __restrict__ g) {
   const int n = blockIdx.x, bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const Layout L(p.C, p.D, p.M, sizeof(Tv));
+  const Layout L(p.C, p.D, p.M, sizeof(Tv), kTc);
   const int C = p.C, D = p.D, M = p.M, t0 = n * C;
   extern __shared__ __align__(16) unsigned char smem[];
   Tv* sK = reinterpret_cast<Tv*>(smem);                             // [C][ldt] K'
@@ -338,24 +636,26 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   float* dst = p.states + (int64_t(bh) * p.N + n) * p.E;
   const int ldt = L.ldt, lm1 = L.lm1;
-  for_tiles(D, M, [&](const Tile& tl) {  // K'^T S~
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, C, [&](int d, int j) { return to_f32(sK[j * ldt + d]); },
+  for_tiles_of<kTc>(D, M, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // K'^T S~
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<false, true>(acc, tl, C, SmemMat<Tv>{sK, 1, ldt},
            [&](int j, int c) { return sS[j * lm1 + c]; });
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv)
+    for (int vv = 0; vv < TL::kR; ++vv)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[vv] && tl.cv[u]) dst[tl.r[vv] * M + tl.c[u]] = acc[vv][u];
   });
-  for_tiles(M, D, [&](const Tile& tl) {  // S~^T V'
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, C, [&](int c, int j) { return sS[j * lm1 + c]; },
-           [&](int j, int d) { return to_f32(sV[j * ldt + d]); });
+  for_tiles_of<kTc>(M, D, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // S~^T V'
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<true, false>(acc, tl, C, [&](int c, int j) { return sS[j * lm1 + c]; },
+           SmemMat<Tv>{sV, ldt, 1});
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv)
+    for (int vv = 0; vv < TL::kR; ++vv)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[vv] && tl.cv[u]) dst[D * M + tl.r[vv] * D + tl.c[u]] = acc[vv][u];
   });
 }
@@ -397,14 +697,14 @@ __global__ void __launch_bounds__(256)
 // ==== (3) forward outputs and the merge ================================================================
 // out, lse: on entry (o_w, lse_w) of the window branch when p.has_window; on exit the merged
 // output and lse (out [B, T, H, D], lse [B, H, T] f32). Grid (N, B*H).
-template <typename Tv, typename Ts>
+template <typename Tv, typename Ts, bool kTc>
 __global__ void __launch_bounds__(kThreads)
     nha_forward_kernel(const NhaParams p, Tv* __restrict__ out, float* __restrict__ lse,
                        const Tv* __restrict__ q, const Tv* __restrict__ k,
                        const Tv* __restrict__ v, const Ts* __restrict__ s,
                        const Ts* __restrict__ g) {
   const int n = blockIdx.x, bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const Layout L(p.C, p.D, p.M, sizeof(Tv));
+  const Layout L(p.C, p.D, p.M, sizeof(Tv), kTc);
   const int C = p.C, D = p.D, M = p.M, T = p.T, t0 = n * C;
   const int ldt = L.ldt, lm1 = L.lm1, lc1 = L.lc1;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -418,6 +718,7 @@ __global__ void __launch_bounds__(kThreads)
   float* sLse = reinterpret_cast<float*>(ptr); ptr += L.rb;  // [C] lse_m
   float* sWw = reinterpret_cast<float*>(ptr);  ptr += L.rb;  // [C] weight of o_w
   float* sWm = reinterpret_cast<float*>(ptr);                // [C] weight of o_m
+  bf16_t* sSt = reinterpret_cast<bf16_t*>(smem + L.forward_bytes() - L.sb);  // staged state (tc)
   load_rows(sQ, ldt, q, b, h, T, p.H, D, t0, 0, C);
   load_rows(sKV, ldt, k, b, h, T, p.H, D, t0, p.w, C);
   load_rows(sS, lm1, s, b, h, T, p.H, M, t0, p.w, C);
@@ -427,9 +728,10 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const float* Hk = p.states + (int64_t(bh) * p.N + n) * p.E;
   const float* Hv = Hk + D * M;
-  memory_logits(p, L, sQ, sKV, sS, sB, sP, sA, nullptr, sLse, Hk);
+  memory_logits<kTc>(p, L, sQ, sKV, sS, sB, sP, sA, nullptr, sLse,
+                    state_operand<kTc>(sSt, L.st_elems, Hk, D, M));
   load_rows(sKV, ldt, v, b, h, T, p.H, D, t0, p.w, C);
-  pair_weights(sA, sP, sS, sB, nullptr, L);
+  pair_weights<kTc>(sA, sP, sS, sB, nullptr, L);
   for (int i = threadIdx.x; i < C; i += blockDim.x) {
     const int t = t0 + i;
     float ww = 0.f, wm = 1.f;
@@ -454,19 +756,20 @@ __global__ void __launch_bounds__(kThreads)
     sP[i * lm1 + c] *= exp2f(sB[i * lm1 + c]);
   }
   __syncthreads();
-  for_tiles(C, D, [&](const Tile& tl) {  // o_m = (pm 2^B) Hv + W V'
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, M, [&](int i, int c) { return sP[i * lm1 + c]; },
-           [&](int c, int d) { return __ldg(Hv + c * D + d); });
-    mm_acc(acc, tl, C, [&](int i, int j) { return sA[i * lc1 + j]; },
-           [&](int j, int d) { return to_f32(sKV[j * ldt + d]); });
+  const auto hv = state_operand<kTc>(sSt, L.st_elems, Hv, M, D);
+  for_tiles_of<kTc>(C, D, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // o_m = (pm 2^B) Hv + W V'
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<true, true>(acc, tl, M, [&](int i, int c) { return sP[i * lm1 + c]; }, hv);
+    mm_acc<true, false>(acc, tl, C, [&](int i, int j) { return sA[i * lc1 + j]; },
+           SmemMat<Tv>{sKV, ldt, 1});
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv) {
+    for (int vv = 0; vv < TL::kR; ++vv) {
       const int i = tl.r[vv], t = t0 + i;
       if (!tl.rv[vv] || t >= T) continue;
       Tv* orow = out + ((int64_t(b) * T + t) * p.H + h) * D;
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.cv[u]) {
           const int d = tl.c[u];
           float o = sWm[i] * acc[vv][u];
@@ -480,7 +783,7 @@ __global__ void __launch_bounds__(kThreads)
 // ==== (4) backward: dpm, dlm, gate terms, chunk contributions to the carried state gradients =======
 // Writes pm, dlm, xp = dpm pm + dlm lm, r (rows of chunk n) and
 // dstates[bh][n] = (scale q^T (dlm 2^B) [D][M], (r pm 2^B)^T dO [M][D]). Grid (N, B*H).
-template <typename Tv, typename Ts>
+template <typename Tv, typename Ts, bool kTc>
 __global__ void __launch_bounds__(kThreads)
     nha_dlogits_kernel(const NhaParams p, const Tv* __restrict__ dout,
                        const Tv* __restrict__ out, const float* __restrict__ lse,
@@ -488,7 +791,7 @@ __global__ void __launch_bounds__(kThreads)
                        const Tv* __restrict__ v, const Ts* __restrict__ s,
                        const Ts* __restrict__ g) {
   const int n = blockIdx.x, bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const Layout L(p.C, p.D, p.M, sizeof(Tv));
+  const Layout L(p.C, p.D, p.M, sizeof(Tv), kTc);
   const int C = p.C, D = p.D, M = p.M, T = p.T, t0 = n * C;
   const int ldt = L.ldt, lm1 = L.lm1, lc1 = L.lc1;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -505,6 +808,7 @@ __global__ void __launch_bounds__(kThreads)
   float* sLse = reinterpret_cast<float*>(ptr); ptr += L.rb;  // [C] lse_m
   float* sR = reinterpret_cast<float*>(ptr);   ptr += L.rb;  // [C] r
   float* sCc = reinterpret_cast<float*>(ptr);               // [C] r dO.o
+  bf16_t* sSt = reinterpret_cast<bf16_t*>(smem + L.dlogits_bytes() - L.sb);  // staged state (tc)
   load_rows(sQ, ldt, q, b, h, T, p.H, D, t0, 0, C);
   load_rows(sKV, ldt, k, b, h, T, p.H, D, t0, p.w, C);
   load_rows(sdO, ldt, dout, b, h, T, p.H, D, t0, 0, C);
@@ -515,9 +819,10 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const float* Hk = p.states + (int64_t(bh) * p.N + n) * p.E;
   const float* Hv = Hk + D * M;
-  memory_logits(p, L, sQ, sKV, sS, sB, sP, sA, sLM, sLse, Hk);
+  memory_logits<kTc>(p, L, sQ, sKV, sS, sB, sP, sA, sLM, sLse,
+                    state_operand<kTc>(sSt, L.st_elems, Hk, D, M));
   load_rows(sKV, ldt, v, b, h, T, p.H, D, t0, p.w, C);
-  {  // r_i = e^{lse_m - lse}, c_i = r_i dO_i . o_i; one warp per row
+  {  // r_i = e^{lse_m - lse}, c_i = r_i dO_i . o_i (= <p_i, dp_i>); one warp per row
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     for (int i = warp; i < C; i += nwarps) {
       const int t = t0 + i;
@@ -536,40 +841,55 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  for_tiles(C, C, [&](const Tile& tl) {  // E = r_i dO_i . V'_j  (j <= i)
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, D, [&](int i, int d) { return to_f32(sdO[i * ldt + d]); },
-           [&](int d, int j) { return to_f32(sKV[j * ldt + d]); });
+  for_tiles_of<kTc>(C, C, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // E = r_i dO_i . V'_j  (j <= i)
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc(acc, tl, D, SmemMat<Tv>{sdO, ldt, 1},
+           SmemMat<Tv>{sKV, 1, ldt});
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv)
+    for (int vv = 0; vv < TL::kR; ++vv)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[vv] && tl.cv[u]) {
           const int i = tl.r[vv], j = tl.c[u];
           sA[i * lc1 + j] = j <= i ? sR[i] * acc[vv][u] : 0.f;
         }
   });
-  for_tiles(M, C, [&](const Tile& tl) {  // dpm inter, transposed: [s][i] = Hv_s . dO_i
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, D, [&](int c, int d) { return __ldg(Hv + c * D + d); },
-           [&](int d, int i) { return to_f32(sdO[i * ldt + d]); });
+  const auto hv = state_operand<kTc>(sSt, L.st_elems, Hv, M, D);
+  for_tiles_of<kTc>(M, C, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // dpm inter, transposed: [s][i] = Hv_s . dO_i
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<true, false>(acc, tl, D, hv, SmemMat<Tv>{sdO, 1, ldt});
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv)
+    for (int vv = 0; vv < TL::kR; ++vv)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[vv] && tl.cv[u]) {
           const int c = tl.r[vv], i = tl.c[u];
           sDP[i * lm1 + c] = sR[i] * acc[vv][u] * exp2f(sB[i * lm1 + c]);
         }
   });
   __syncthreads();
+  add_decayed_rows<kTc>(sDP, sA, sS, sB, L);  // dpm: + the in-chunk part
+  if (!p.has_window) {
+    // No window: the joint softmax is the memory softmax (r = 1), so <p, dp> = sum_s pm dpm
+    // exactly. Taking it from dO . out instead brings in out's rounding to bf16, which the two
+    // cancellations behind dq and dk (see "Precision") amplify: with strong decay that alone
+    // made dq and dk 0.1 relative RMS off on the bf16 path, with any kernel arithmetic.
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    for (int i = warp; i < C; i += nwarps) {
+      float dot = 0.f;
+      for (int c = lane; c < M; c += 32) dot += sP[i * lm1 + c] * sDP[i * lm1 + c];
+      dot = warp_sum(dot);
+      if (lane == 0) sCc[i] = dot;
+    }
+    __syncthreads();
+  }
   const int64_t rowbase = int64_t(bh) * p.Tp + t0;
   for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
     const int i = e / M, c = e - i * M;
     const float bi = sB[i * lm1 + c];
-    float dpm = sDP[i * lm1 + c];
-    for (int j = 0; j <= i; ++j)
-      dpm += sA[i * lc1 + j] * sS[j * lm1 + c] * exp2f(bi - sB[j * lm1 + c]);
+    const float dpm = sDP[i * lm1 + c];
     const float pm = sP[i * lm1 + c];
     const float dlm = pm * (dpm - sCc[i]);
     const int64_t o = (rowbase + i) * M + c;
@@ -582,24 +902,26 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   float* dst = p.dstates + (int64_t(bh) * p.N + n) * p.E;
-  for_tiles(M, D, [&](const Tile& tl) {  // (r pm 2^B)^T dO
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, C, [&](int c, int i) { return sP[i * lm1 + c]; },
-           [&](int i, int d) { return to_f32(sdO[i * ldt + d]); });
+  for_tiles_of<kTc>(M, D, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // (r pm 2^B)^T dO
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<true, false>(acc, tl, C, [&](int c, int i) { return sP[i * lm1 + c]; },
+           SmemMat<Tv>{sdO, ldt, 1});
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv)
+    for (int vv = 0; vv < TL::kR; ++vv)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[vv] && tl.cv[u]) dst[D * M + tl.r[vv] * D + tl.c[u]] = acc[vv][u];
   });
-  for_tiles(D, M, [&](const Tile& tl) {  // scale q^T (dlm 2^B)
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, C, [&](int d, int i) { return to_f32(sQ[i * ldt + d]); },
+  for_tiles_of<kTc>(D, M, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // scale q^T (dlm 2^B)
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<false, true>(acc, tl, C, SmemMat<Tv>{sQ, 1, ldt},
            [&](int i, int c) { return sDP[i * lm1 + c]; });
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv)
+    for (int vv = 0; vv < TL::kR; ++vv)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[vv] && tl.cv[u]) dst[tl.r[vv] * M + tl.c[u]] = p.scale * acc[vv][u];
   });
 }
@@ -607,7 +929,7 @@ __global__ void __launch_bounds__(kThreads)
 // ==== (6) backward: dq, dk, dv (+=), ds, and the gate terms' in-chunk reverse cumsum ===============
 // dq [B,T,H,D] rows of chunk n; dk, dv, ds rows t - w (t >= w); xp rows of chunk n become the
 // in-chunk reverse cumsum of X = xp - S' ⊙ dS'; xtot[bh][n] = its row-0 value. Grid (N, B*H).
-template <typename Tv, typename Ts>
+template <typename Tv, typename Ts, bool kTc>
 __global__ void __launch_bounds__(kThreads)
     nha_grads_kernel(const NhaParams p, Tv* __restrict__ dq, Tv* __restrict__ dk,
                      Tv* __restrict__ dv, Ts* __restrict__ ds, const Tv* __restrict__ dout,
@@ -615,7 +937,7 @@ __global__ void __launch_bounds__(kThreads)
                      const Tv* __restrict__ v, const Ts* __restrict__ s,
                      const Ts* __restrict__ g) {
   const int n = blockIdx.x, bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const Layout L(p.C, p.D, p.M, sizeof(Tv));
+  const Layout L(p.C, p.D, p.M, sizeof(Tv), kTc);
   const int C = p.C, D = p.D, M = p.M, T = p.T, H = p.H, w = p.w, t0 = n * C;
   const int ldt = L.ldt, lm1 = L.lm1, lc1 = L.lc1;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -632,6 +954,7 @@ __global__ void __launch_bounds__(kThreads)
   float* sA = reinterpret_cast<float*>(ptr);  ptr += L.cb;  // [C][lc1] A, then dA
   float* sE = reinterpret_cast<float*>(ptr);  ptr += L.cb;  // [C][lc1] E, then r_i W
   float* sR = reinterpret_cast<float*>(ptr);                // [C] r
+  bf16_t* sSt = reinterpret_cast<bf16_t*>(smem + L.grads_bytes() - L.sb);  // staged state (tc)
   float* scr = reinterpret_cast<float*>(sV);                // [C][D+1] f32 (after dV')
   const int lds = D + 1;
   load_rows(sQ, ldt, q, b, h, T, H, D, t0, 0, C);
@@ -651,54 +974,85 @@ __global__ void __launch_bounds__(kThreads)
   const float* dHk = p.dstates + (int64_t(bh) * p.N + n) * p.E;
   const float* dHv = dHk + D * M;
   const float scale = p.scale;
-  for_tiles(C, C, [&](const Tile& tl) {  // A = scale q_i . K'_j, E = r_i dO_i . V'_j (j <= i)
-    float acc[kTM][kTN] = {}, acc2[kTM][kTN] = {};
-    mm_acc(acc, tl, D, [&](int i, int d) { return to_f32(sQ[i * ldt + d]); },
-           [&](int d, int j) { return to_f32(sK[j * ldt + d]); });
-    mm_acc(acc2, tl, D, [&](int i, int d) { return to_f32(sdO[i * ldt + d]); },
-           [&](int d, int j) { return to_f32(sV[j * ldt + d]); });
+  for_tiles_of<kTc>(C, C, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // A = scale q_i . K'_j, E = r_i dO_i . V'_j (j <= i)
+    float acc[TL::kR][TL::kC] = {}, acc2[TL::kR][TL::kC] = {};
+    mm_acc(acc, tl, D, SmemMat<Tv>{sQ, ldt, 1},
+           SmemMat<Tv>{sK, 1, ldt});
+    mm_acc(acc2, tl, D, SmemMat<Tv>{sdO, ldt, 1},
+           SmemMat<Tv>{sV, 1, ldt});
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv)
+    for (int vv = 0; vv < TL::kR; ++vv)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[vv] && tl.cv[u]) {
           const int i = tl.r[vv], j = tl.c[u];
           sA[i * lc1 + j] = j <= i ? scale * acc[vv][u] : 0.f;
           sE[i * lc1 + j] = j <= i ? sR[i] * acc2[vv][u] : 0.f;
         }
   });
-  for_tiles(C, M, [&](const Tile& tl) {  // state terms, part 1: K' dHk
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, D, [&](int j, int d) { return to_f32(sK[j * ldt + d]); },
-           [&](int d, int c) { return __ldg(dHk + d * M + c); });
+  const auto dhk = state_operand<kTc>(sSt, L.st_elems, dHk, D, M);
+  for_tiles_of<kTc>(C, M, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // state terms, part 1: K' dHk
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<false, true>(acc, tl, D, SmemMat<Tv>{sK, ldt, 1},
+           dhk);
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv)
+    for (int vv = 0; vv < TL::kR; ++vv)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[vv] && tl.cv[u]) sX[tl.r[vv] * lm1 + tl.c[u]] = acc[vv][u];
   });
   __syncthreads();
-  for_tiles(M, C, [&](const Tile& tl) {  // part 2, transposed: [s][j] += dHv_s . V'_j
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, D, [&](int c, int d) { return __ldg(dHv + c * D + d); },
-           [&](int d, int j) { return to_f32(sV[j * ldt + d]); });
+  const auto dhv = state_operand<kTc>(sSt, L.st_elems, dHv, M, D);
+  for_tiles_of<kTc>(M, C, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // part 2, transposed: [s][j] += dHv_s . V'_j
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<true, false>(acc, tl, D, dhv, SmemMat<Tv>{sV, 1, ldt});
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv)
+    for (int vv = 0; vv < TL::kR; ++vv)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[vv] && tl.cv[u]) sX[tl.c[u] * lm1 + tl.r[vv]] += acc[vv][u];
   });
   __syncthreads();
   // dS'_j = sum_{i>=j} (A_ij dlm_i + E_ij pm_i) ⊙ D_ij + 2^{b - B_j} ⊙ (state terms)
   const float* blast = sB + (C - 1) * lm1;
+  if constexpr (kTc) {
+    // bf16: the rows i of later sub-chunks on tensor cores, through the reference row r1 = the
+    // last row of j's sub-chunk (D_ij = 2^{B_i - B_r1} 2^{B_r1 - B_j}, both <= 1), folded into sX
+    // together with the decayed state terms; i in j's own sub-chunk directly below.
+    for_tc_tiles(C, M, [&](const TcTile& tl) {
+      const float* br = sB + (tl.r0 + 15) * lm1;
+      auto later = [&](const float* x) {
+        return [=](int i, int c) { return x[i * lm1 + c] * exp2f(sB[i * lm1 + c] - br[c]); };
+      };
+      float acc[2][8] = {};
+      mm_acc_range<true, true>(acc, tl, tl.r0 + 16, C,
+                               [&](int j, int i) { return sA[i * lc1 + j]; }, later(sDL));
+      mm_acc_range<true, true>(acc, tl, tl.r0 + 16, C,
+                               [&](int j, int i) { return sE[i * lc1 + j]; }, later(sP));
+#pragma unroll
+      for (int v = 0; v < TcTile::kR; ++v)
+#pragma unroll
+        for (int u = 0; u < TcTile::kC; ++u)
+          if (tl.rv[v] && tl.cv[u]) {
+            const int j = tl.r[v], c = tl.c[u];
+            const float bj = sB[j * lm1 + c];
+            sX[j * lm1 + c] = exp2f(blast[c] - bj) * sX[j * lm1 + c] + acc[v][u] * exp2f(br[c] - bj);
+          }
+    });
+    __syncthreads();
+  }
   for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
     const int j = e / M, c = e - j * M, t = t0 + j;
     const float bj = sB[j * lm1 + c];
     float acc = 0.f;
-    for (int i = j; i < C; ++i)
+    const int ilast = kTc ? (j | 15) : C - 1;
+    for (int i = j; i <= ilast; ++i)
       acc += (sA[i * lc1 + j] * sDL[i * lm1 + c] + sE[i * lc1 + j] * sP[i * lm1 + c]) *
              exp2f(sB[i * lm1 + c] - bj);
-    const float dS = acc + exp2f(blast[c] - bj) * sX[j * lm1 + c];
+    const float dS = kTc ? acc + sX[j * lm1 + c] : acc + exp2f(blast[c] - bj) * sX[j * lm1 + c];
     if (t >= w && t < T) ds[((int64_t(b) * T + (t - w)) * H + h) * M + c] = from_f32<Ts>(dS);
     sX[j * lm1 + c] = p.xp[(rowbase + j) * M + c] - sS[j * lm1 + c] * dS;
   }
@@ -711,8 +1065,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     p.xtot[(int64_t(bh) * p.N + n) * M + c] = acc;
   }
-  pair_weights(sE, sP, sS, sB, sR, L);     // r_i W_ij
-  pair_weights(sA, sDL, sS, sB, nullptr, L);  // dA_ij
+  pair_weights<kTc>(sE, sP, sS, sB, sR, L);     // r_i W_ij
+  pair_weights<kTc>(sA, sDL, sS, sB, nullptr, L);  // dA_ij
   __syncthreads();
   for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
     const int i = e / M, c = e - i * M;
@@ -721,71 +1075,78 @@ __global__ void __launch_bounds__(kThreads)
     sDL[i * lm1 + c] *= exp2f(bi);
   }
   __syncthreads();
-  for_tiles(C, D, [&](const Tile& tl) {  // dV' = (r W)^T dO + S~ dHv;  dv[t - w] +=
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, C, [&](int j, int i) { return sE[i * lc1 + j]; },
-           [&](int i, int d) { return to_f32(sdO[i * ldt + d]); });
-    mm_acc(acc, tl, M, [&](int j, int c) { return sS[j * lm1 + c]; },
-           [&](int c, int d) { return __ldg(dHv + c * D + d); });
+  for_tiles_of<kTc>(C, D, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // dV' = (r W)^T dO + S~ dHv;  dv[t - w] +=
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<true, false>(acc, tl, C, [&](int j, int i) { return sE[i * lc1 + j]; },
+           SmemMat<Tv>{sdO, ldt, 1});
+    mm_acc<true, true>(acc, tl, M, [&](int j, int c) { return sS[j * lm1 + c]; },
+           dhv);
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv) {
+    for (int vv = 0; vv < TL::kR; ++vv) {
       const int t = t0 + tl.r[vv];
       if (!tl.rv[vv] || t < w || t >= T) continue;
       Tv* row = dv + ((int64_t(b) * T + (t - w)) * H + h) * D;
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.cv[u]) row[tl.c[u]] = from_f32<Tv>(to_f32(row[tl.c[u]]) + acc[vv][u]);
     }
   });
   __syncthreads();
-  for_tiles(D, C, [&](const Tile& tl) {  // scr[j][d] = (S~ dHk^T)[j][d]
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, M, [&](int d, int c) { return __ldg(dHk + d * M + c); },
+  const auto dhk_again = state_operand<kTc>(sSt, L.st_elems, dHk, D, M);
+  for_tiles_of<kTc>(D, C, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // scr[j][d] = (S~ dHk^T)[j][d]
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<true, true>(acc, tl, M, dhk_again,
            [&](int c, int j) { return sS[j * lm1 + c]; });
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv)
+    for (int vv = 0; vv < TL::kR; ++vv)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[vv] && tl.cv[u]) scr[tl.c[u] * lds + tl.r[vv]] = acc[vv][u];
   });
   __syncthreads();
-  for_tiles(C, D, [&](const Tile& tl) {  // dK' = scale dA^T q + scr;  dk[t - w]
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, C, [&](int j, int i) { return sA[i * lc1 + j]; },
-           [&](int i, int d) { return to_f32(sQ[i * ldt + d]); });
+  for_tiles_of<kTc>(C, D, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // dK' = scale dA^T q + scr;  dk[t - w]
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<true, false>(acc, tl, C, [&](int j, int i) { return sA[i * lc1 + j]; },
+           SmemMat<Tv>{sQ, ldt, 1});
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv) {
+    for (int vv = 0; vv < TL::kR; ++vv) {
       const int j = tl.r[vv], t = t0 + j;
       if (!tl.rv[vv] || t < w || t >= T) continue;
       Tv* row = dk + ((int64_t(b) * T + (t - w)) * H + h) * D;
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.cv[u]) row[tl.c[u]] = from_f32<Tv>(scale * acc[vv][u] + scr[j * lds + tl.c[u]]);
     }
   });
   __syncthreads();
-  for_tiles(D, C, [&](const Tile& tl) {  // scr[i][d] = ((dlm 2^B) Hk^T)[i][d]
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, M, [&](int d, int c) { return __ldg(Hk + d * M + c); },
+  const auto hk = state_operand<kTc>(sSt, L.st_elems, Hk, D, M);
+  for_tiles_of<kTc>(D, C, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // scr[i][d] = ((dlm 2^B) Hk^T)[i][d]
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<true, true>(acc, tl, M, hk,
            [&](int c, int i) { return sDL[i * lm1 + c]; });
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv)
+    for (int vv = 0; vv < TL::kR; ++vv)
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.rv[vv] && tl.cv[u]) scr[tl.c[u] * lds + tl.r[vv]] = acc[vv][u];
   });
   __syncthreads();
-  for_tiles(C, D, [&](const Tile& tl) {  // dq = scale (scr + dA K')
-    float acc[kTM][kTN] = {};
-    mm_acc(acc, tl, C, [&](int i, int j) { return sA[i * lc1 + j]; },
-           [&](int j, int d) { return to_f32(sK[j * ldt + d]); });
+  for_tiles_of<kTc>(C, D, [&](const auto& tl) {
+    using TL = std::decay_t<decltype(tl)>;  // dq = scale (scr + dA K')
+    float acc[TL::kR][TL::kC] = {};
+    mm_acc<true, false>(acc, tl, C, [&](int i, int j) { return sA[i * lc1 + j]; },
+           SmemMat<Tv>{sK, ldt, 1});
 #pragma unroll
-    for (int vv = 0; vv < kTM; ++vv) {
+    for (int vv = 0; vv < TL::kR; ++vv) {
       const int i = tl.r[vv], t = t0 + i;
       if (!tl.rv[vv] || t >= T) continue;
       Tv* row = dq + ((int64_t(b) * T + t) * H + h) * D;
 #pragma unroll
-      for (int u = 0; u < kTN; ++u)
+      for (int u = 0; u < TL::kC; ++u)
         if (tl.cv[u]) row[tl.c[u]] = from_f32<Tv>(scale * (acc[vv][u] + scr[i * lds + tl.c[u]]));
     }
   });
@@ -908,13 +1269,13 @@ NhaDims check_nha(const char* op, int dev, const Tensor& q, const Tensor& k, con
 
 // The chunk size: 64 rows unless the largest chunk kernel's shared memory does not fit, then 32,
 // then 16. NHA_CUDA_NHA_CHUNK=16|32|64 forces a smaller one (tests).
-int choose_chunk(int dev, int D, int M, int tsize) {
+int choose_chunk(int dev, int D, int M, int tsize, bool tc) {
   const size_t limit = device_properties(dev).sharedMemPerBlockOptin;
   int forced = 0;
   if (const char* e = std::getenv("NHA_CUDA_NHA_CHUNK")) forced = std::atoi(e);
   for (int C : {64, 32, 16}) {
     if (forced > 0 && C > forced) continue;
-    if (Layout(C, D, M, tsize).max_bytes() <= limit) return C;
+    if (Layout(C, D, M, tsize, tc).max_bytes() <= limit) return C;
   }
   NHA_FAIL() << "nha: no chunk size fits shared memory for head dim " << D << " and " << M
              << " slots";
@@ -955,16 +1316,33 @@ NhaParams make_params(const NhaDims& d, int C, int64_t window, bool has_window, 
   return p;
 }
 
-// Calls fn.template operator()<Tv, Ts>() for (q dtype, s dtype) in {(f32, f32), (bf16, bf16),
-// (bf16, f32)} (checked by check_nha).
+// The chunk products on tensor cores: for bf16 unless NHA_CUDA_NHA_FMA=1 asks for the CUDA-core
+// kernels (kept to compare against; f32 always uses them).
+bool tensor_cores(const Tensor& q) {
+  if (q.dtype() != DType::BF16) return false;
+  const char* fma = std::getenv("NHA_CUDA_NHA_FMA");
+  return !(fma && std::string(fma) == "1");
+}
+
+// Calls fn.template operator()<Tv, Ts, kTc>() for (q dtype, s dtype) in {(f32, f32), (bf16, bf16),
+// (bf16, f32)} (checked by check_nha); kTc = tensor_cores(q).
 template <typename F>
 void dispatch_nha(const Tensor& q, const Tensor& s, F&& fn) {
-  if (q.dtype() == DType::F32)
-    fn.template operator()<float, float>();
-  else if (s.dtype() == DType::BF16)
-    fn.template operator()<bf16_t, bf16_t>();
+  if (q.dtype() == DType::F32) {
+    fn.template operator()<float, float, false>();
+    return;
+  }
+  const bool tc = tensor_cores(q);
+  auto with_gates = [&]<typename Ts>() {
+    if (tc)
+      fn.template operator()<bf16_t, Ts, true>();
+    else
+      fn.template operator()<bf16_t, Ts, false>();
+  };
+  if (s.dtype() == DType::BF16)
+    with_gates.template operator()<bf16_t>();
   else
-    fn.template operator()<bf16_t, float>();
+    with_gates.template operator()<float>();
 }
 
 void zero(Tensor& x, cudaStream_t st) {
@@ -1004,20 +1382,21 @@ void CudaBackend::nha_forward(Tensor& out, Tensor& lse, const Tensor& q, const T
     return;
   }
   const int tsize = int(dtype_size(q.dtype()));
-  const int C = choose_chunk(dev, d.D, d.M, tsize);
+  const bool tc = tensor_cores(q);
+  const int C = choose_chunk(dev, d.D, d.M, tsize, tc);
   NhaParams p = make_params(d, C, window, window > 0, scale);
-  const Layout L(C, d.D, d.M, tsize);
+  const Layout L(C, d.D, d.M, tsize, tc);
   const int64_t BH = int64_t(d.B) * d.H;
   Scratch states(size_t(BH) * p.N * p.E * sizeof(float), dev);
   Scratch bl(size_t(BH) * p.N * d.M * sizeof(float), dev);
   p.states = states.as<float>();
   p.bl = bl.as<float>();
-  dispatch_nha(q, s, [&]<typename Tv, typename Ts>() {
-    launch_chunks(nha_contrib_kernel<Tv, Ts>, p, L.contrib_bytes(), st,
+  dispatch_nha(q, s, [&]<typename Tv, typename Ts, bool kTc>() {
+    launch_chunks(nha_contrib_kernel<Tv, Ts, kTc>, p, L.contrib_bytes(), st,
                   static_cast<const Tv*>(k.data_ptr()), static_cast<const Tv*>(v.data_ptr()),
                   static_cast<const Ts*>(s.data_ptr()), static_cast<const Ts*>(g.data_ptr()));
     launch_scan(p.states, p.bl, p, p.E, true, false, st);
-    launch_chunks(nha_forward_kernel<Tv, Ts>, p, L.forward_bytes(), st,
+    launch_chunks(nha_forward_kernel<Tv, Ts, kTc>, p, L.forward_bytes(), st,
                   static_cast<Tv*>(out.data_ptr()), static_cast<float*>(lse.data_ptr()),
                   static_cast<const Tv*>(q.data_ptr()), static_cast<const Tv*>(k.data_ptr()),
                   static_cast<const Tv*>(v.data_ptr()), static_cast<const Ts*>(s.data_ptr()),
@@ -1072,9 +1451,10 @@ void CudaBackend::nha_backward(Tensor& dq, Tensor& dk, Tensor& dqr, Tensor& dkr,
   zero(dk, st);
   zero(ds, st);
   const int tsize = int(dtype_size(q.dtype()));
-  const int C = choose_chunk(dev, d.D, d.M, tsize);
+  const bool tc = tensor_cores(q);
+  const int C = choose_chunk(dev, d.D, d.M, tsize, tc);
   NhaParams p = make_params(d, C, window, window > 0, scale);
-  const Layout L(C, d.D, d.M, tsize);
+  const Layout L(C, d.D, d.M, tsize, tc);
   const int64_t BH = int64_t(d.B) * d.H;
   Scratch states(size_t(BH) * p.N * p.E * sizeof(float), dev);
   Scratch dstates(size_t(BH) * p.N * p.E * sizeof(float), dev);
@@ -1092,17 +1472,17 @@ void CudaBackend::nha_backward(Tensor& dq, Tensor& dk, Tensor& dqr, Tensor& dkr,
   p.dlm = dlm.as<float>();
   p.xp = xp.as<float>();
   p.r = r.as<float>();
-  dispatch_nha(q, s, [&]<typename Tv, typename Ts>() {
+  dispatch_nha(q, s, [&]<typename Tv, typename Ts, bool kTc>() {
     const Tv *pq = static_cast<const Tv*>(q.data_ptr()), *pk = static_cast<const Tv*>(k.data_ptr()),
              *pv = static_cast<const Tv*>(v.data_ptr());
     const Ts *ps = static_cast<const Ts*>(s.data_ptr()), *pg = static_cast<const Ts*>(g.data_ptr());
-    launch_chunks(nha_contrib_kernel<Tv, Ts>, p, L.contrib_bytes(), st, pk, pv, ps, pg);
+    launch_chunks(nha_contrib_kernel<Tv, Ts, kTc>, p, L.contrib_bytes(), st, pk, pv, ps, pg);
     launch_scan(p.states, p.bl, p, p.E, true, false, st);
-    launch_chunks(nha_dlogits_kernel<Tv, Ts>, p, L.dlogits_bytes(), st,
+    launch_chunks(nha_dlogits_kernel<Tv, Ts, kTc>, p, L.dlogits_bytes(), st,
                   static_cast<const Tv*>(dout.data_ptr()), static_cast<const Tv*>(out.data_ptr()),
                   static_cast<const float*>(lse.data_ptr()), pq, pk, pv, ps, pg);
     launch_scan(p.dstates, p.bl, p, p.E, true, true, st);
-    launch_chunks(nha_grads_kernel<Tv, Ts>, p, L.grads_bytes(), st,
+    launch_chunks(nha_grads_kernel<Tv, Ts, kTc>, p, L.grads_bytes(), st,
                   static_cast<Tv*>(dq.data_ptr()), static_cast<Tv*>(dk.data_ptr()),
                   static_cast<Tv*>(dv.data_ptr()), static_cast<Ts*>(ds.data_ptr()),
                   static_cast<const Tv*>(dout.data_ptr()), pq, pk, pv, ps, pg);

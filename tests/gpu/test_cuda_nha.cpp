@@ -97,7 +97,8 @@ void check_nha(const NhaCase& c, uint64_t seed, double tol, double tol_lse, Wors
   Tensor ds = poisoned(gshape, c.gdtype), dg = poisoned(gshape, c.gdtype);
   cuda_be().nha_backward(dq, dk, dqr, dkr, dv, ds, dg, dout, q, k, qr, kr, v, s, g, out, lse,
                          scale, c.window);
-  // The CPU reference gets the GPU's own forward outputs (as the autograd op would pass them).
+  // The CPU reference gets its own f64 forward outputs: the exact gradient. The GPU backward gets
+  // the GPU's out (rounded to bf16 on the bf16 path), as the autograd op passes it.
   Tensor rdq = cpu_empty(shape), rdk = cpu_empty(shape), rdqr = cpu_empty(shape);
   Tensor rdkr = cpu_empty(shape), rdv = cpu_empty(shape);
   Tensor rds = cpu_empty(gshape), rdg = cpu_empty(gshape);
@@ -207,6 +208,48 @@ TEST(CudaNha, Bf16WithF32GatesAndOtherHeadDims) {
   worst.print("bf16 mixed gates / D=64,256");
 }
 
+// The bf16 path's chunk products run on tensor cores (nha.cu: split-bf16 operands). With strong
+// decay and no window dq and dk are ill-conditioned (two cancellations, see nha.cu "Precision"):
+// plain bf16 operands gave them ~0.1 relative RMS error; they must meet the same limit as the rest.
+TEST(CudaNha, Bf16StrongDecayIsStable) {
+  NHA_SKIP_WITHOUT_CUDA();
+  Worst worst;
+  check_nha({1, 300, 2, 128, 64, DType::BF16, DType::BF16, 0, -12.0}, 640, kBf16Tol, kBf16LseTol,
+            &worst);
+  check_nha({2, 200, 2, 64, 16, DType::BF16, DType::F32, 0, -12.0}, 650, kBf16Tol, kBf16LseTol,
+            &worst);
+  check_nha({1, 300, 2, 128, 64, DType::BF16, DType::BF16, 64, -12.0}, 660, kBf16Tol, kBf16LseTol,
+            &worst);
+  worst.print("bf16 strong decay");
+}
+
+// Sub-chunks of 16 rows inside 16/32-row chunks, rows past T inside a sub-chunk, odd slot counts.
+TEST(CudaNha, Bf16SmallChunksAndOddSlots) {
+  NHA_SKIP_WITHOUT_CUDA();
+  Worst worst;
+  for (const char* chunk : {"16", "32"}) {
+    ScopedEnv env("NHA_CUDA_NHA_CHUNK", chunk);
+    check_nha({1, 77, 2, 64, 16, DType::BF16, DType::BF16, 0}, 670, kBf16Tol, kBf16LseTol, &worst);
+    check_nha({1, 101, 2, 128, 64, DType::BF16, DType::F32, 37}, 680, kBf16Tol, kBf16LseTol,
+              &worst);
+  }
+  check_nha({2, 90, 2, 64, 3, DType::BF16, DType::BF16, 0}, 690, kBf16Tol, kBf16LseTol, &worst);
+  check_nha({1, 130, 2, 32, 5, DType::BF16, DType::F32, 7}, 695, kBf16Tol, kBf16LseTol, &worst);
+  worst.print("bf16 chunks 16/32, odd M");
+}
+
+// The CUDA-core kernels (NHA_CUDA_NHA_FMA=1) stay correct for bf16: they are the comparison point.
+TEST(CudaNha, Bf16CudaCoreKernels) {
+  NHA_SKIP_WITHOUT_CUDA();
+  ScopedEnv env("NHA_CUDA_NHA_FMA", "1");
+  Worst worst;
+  check_nha({1, 200, 2, 128, 64, DType::BF16, DType::BF16, 0}, 710, kBf16Tol, kBf16LseTol, &worst);
+  check_nha({1, 200, 2, 64, 16, DType::BF16, DType::F32, 64}, 720, kBf16Tol, kBf16LseTol, &worst);
+  check_nha({1, 300, 2, 128, 64, DType::BF16, DType::BF16, 0, -12.0}, 730, kBf16Tol, kBf16LseTol,
+            &worst);
+  worst.print("bf16 CUDA-core kernels");
+}
+
 // Small cases for compute-sanitizer (scripts/gpu-check.sh).
 TEST(CudaNha, SmallCases) {
   NHA_SKIP_WITHOUT_CUDA();
@@ -220,6 +263,9 @@ TEST(CudaNha, SmallCases) {
 TEST(CudaNha, TinyForRacecheck) {
   NHA_SKIP_WITHOUT_CUDA();
   check_nha({1, 40, 1, 32, 8, DType::F32, DType::F32, 8}, 750, kF32Tol, kF32LseTol, nullptr);
+  // the tensor-core path (bf16): sub-chunk products and their direct diagonal passes
+  check_nha({1, 40, 1, 32, 8, DType::BF16, DType::BF16, 8}, 760, kBf16Tol, kBf16LseTol, nullptr);
+  check_nha({1, 48, 1, 64, 16, DType::BF16, DType::F32, 0}, 770, kBf16Tol, kBf16LseTol, nullptr);
 }
 
 TEST(CudaNha, BadShapesFailWithAMessage) {
