@@ -280,17 +280,41 @@ struct SplitMat {
 };
 template <class F>
 constexpr bool kIsSplitMat = std::is_same_v<std::decay_t<F>, SplitMat>;
+// Two f32 values as a bf16x2 register (low half = x0) and, when split, the rounding remainders.
+template <bool kSplit>
+__device__ __forceinline__ void to_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  if constexpr (kSplit) {
+    const float2 f = __bfloat1622float2(h);
+    lo = pack_bf16(x0 - f.x, x1 - f.y);
+  }
+}
 // hi, lo [R][X + 8] bf16 (the 8 pad columns zero) = split(src [R][X] f32). All threads call it,
 // between barriers.
 __device__ __forceinline__ SplitMat stage_state(bf16_t* hi, bf16_t* lo, const float* __restrict__ src,
                                                 int R, int X) {
   const int ld = X + 8;
-  for (int e = threadIdx.x; e < R * ld; e += blockDim.x) {
-    const int x = e / ld, y = e - x * ld;
-    const float v = y < X ? __ldg(src + x * X + y) : 0.f;
-    const bf16_t h = __float2bfloat16_rn(v);
-    hi[e] = h;
-    lo[e] = __float2bfloat16_rn(v - __bfloat162float(h));
+  if (X % 4 == 0) {  // 16-byte loads, 8-byte stores (states are allocation-aligned rows of X floats)
+    const int per_row = ld / 4;
+    for (int e = threadIdx.x; e < R * per_row; e += blockDim.x) {
+      const int x = e / per_row, y = (e - x * per_row) * 4;
+      Pack<float, 4> v{};
+      if (y < X) v = load_pack<float, 4>(src + x * X + y);
+      uint32_t h[2], l[2];
+      to_bf16x2<true>(v.v[0], v.v[1], h[0], l[0]);
+      to_bf16x2<true>(v.v[2], v.v[3], h[1], l[1]);
+      *reinterpret_cast<uint2*>(hi + x * ld + y) = make_uint2(h[0], h[1]);
+      *reinterpret_cast<uint2*>(lo + x * ld + y) = make_uint2(l[0], l[1]);
+    }
+  } else {
+    for (int e = threadIdx.x; e < R * ld; e += blockDim.x) {
+      const int x = e / ld, y = e - x * ld;
+      const float v = y < X ? __ldg(src + x * X + y) : 0.f;
+      const bf16_t h = __float2bfloat16_rn(v);
+      hi[e] = h;
+      lo[e] = __float2bfloat16_rn(v - __bfloat162float(h));
+    }
   }
   return SplitMat{{hi, ld, 1}, {lo, ld, 1}};
 }
@@ -307,16 +331,6 @@ __device__ __forceinline__ auto state_operand(bf16_t* stage, int st_elems, const
     return m;
   } else {
     return GlobalMat{g, X};
-  }
-}
-// Two f32 values as a bf16x2 register (low half = x0) and, when split, the rounding remainders.
-template <bool kSplit>
-__device__ __forceinline__ void to_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
-  if constexpr (kSplit) {
-    const float2 f = __bfloat1622float2(h);
-    lo = pack_bf16(x0 - f.x, x1 - f.y);
   }
 }
 // acc[v][u] += sum_{kbeg <= k < kend} a(r[v], k) * b(k, c[u]); kbeg a multiple of 16 past which the
@@ -422,15 +436,32 @@ __device__ __forceinline__ void load_scratch_rows(float* sdst, int ld, const flo
     sdst[i * ld + s] = src[int64_t(i) * M + s];
   }
 }
-// sB [C][ld] holds G' on entry: becomes B_i = log2(e) * inclusive cumsum over rows, per column.
-__device__ __forceinline__ void gate_cumsum(float* sB, int ld, int C, int M) {
-  for (int s = threadIdx.x; s < M; s += blockDim.x) {
-    float acc = 0.f;
-    for (int i = 0; i < C; ++i) {
-      acc += sB[i * ld + s] * kLog2e;
-      sB[i * ld + s] = acc;
+// x [C][ld]: each column c < M becomes its inclusive scan over the rows times `mult`, forward
+// (x_i = sum_{j <= i}) or reverse (x_i = sum_{j >= i}). One warp per column, 32 rows per step with
+// a shuffle scan (a thread per column walking 64 rows was one long dependent chain per kernel).
+__device__ __forceinline__ void column_scan(float* x, int ld, int C, int M, float mult,
+                                            bool reverse) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  for (int c = warp; c < M; c += nwarps) {
+    float carry = 0.f;
+    for (int r0 = 0; r0 < C; r0 += 32) {
+      const int i = reverse ? C - 1 - (r0 + lane) : r0 + lane;
+      const bool in = r0 + lane < C;
+      float v = in ? x[i * ld + c] * mult : 0.f;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const float u = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += u;
+      }
+      v += carry;
+      if (in) x[i * ld + c] = v;
+      carry = __shfl_sync(0xffffffffu, v, 31);
     }
   }
+}
+// sB [C][ld] holds G' on entry: becomes B_i = log2(e) * inclusive cumsum over rows, per column.
+__device__ __forceinline__ void gate_cumsum(float* sB, int ld, int C, int M) {
+  column_scan(sB, ld, C, M, kLog2e, false);
 }
 
 // The lower-triangle pair (i, j <= i) of linear index p = i (i + 1) / 2 + j.
@@ -441,48 +472,74 @@ __device__ __forceinline__ void tri_pair(int p, int& i, int& j) {
   i = r;
   j = p - r * (r + 1) / 2;
 }
+// ---- sub-chunks (tensor-core path) ----------------------------------------------------------------
+// The chunk is cut into 16-row sub-chunks, the warp strips. For rows i, j of sub-chunks I >= J a
+// decay product factors through a reference row r of the strip:
+//   D_ij = 2^{B_i - B_j} = 2^{B_i - B_r} 2^{B_r - B_j}
+// so an exp-weighted sum over j (or i, or s) is one tensor-core product of decay-weighted operands.
+// For J < I with r = the first row of I both factors are <= 1 for any gates. Inside the strip's own
+// sub-chunk one factor is >= 1, bounded by 2^{B_r0 - B_r0+15}, the sub-chunk's decay range: it is
+// taken on tensor cores too while that range stays <= kMaxSubchunkDecay (log2 units; 2^64 leaves f32
+// and bf16 far from overflow, and any realistic gate stays under it: g = logsigmoid(f)/8 with f ~
+// N(-12, 2) loses ~35 per sub-chunk), and directly (one exp2 per term) where a sub-chunk's range
+// is larger. `direct` [C/16] holds that flag per sub-chunk.
+constexpr float kMaxSubchunkDecay = 64.f;
+constexpr size_t kStaticSmem = 64;  // the kernels' static shared memory (the sub-chunk flags)
+
+// direct[I] = 1 where sub-chunk I's decay range over any slot exceeds kMaxSubchunkDecay.
+// sB [C][lm1] holds B. All threads call it; ends with a barrier.
+__device__ __forceinline__ void subchunk_flags(int* direct, const float* sB, const Layout& L) {
+  if (threadIdx.x < L.C / 16) direct[threadIdx.x] = 0;
+  __syncthreads();
+  for (int e = threadIdx.x; e < (L.C / 16) * L.M; e += blockDim.x) {
+    const int I = e / L.M, s = e - I * L.M;
+    if (sB[16 * I * L.lm1 + s] - sB[(16 * I + 15) * L.lm1 + s] > kMaxSubchunkDecay)
+      atomicOr(direct + I, 1);
+  }
+  __syncthreads();
+}
+
 // sOut[i][j] = sum_s X_i[s] S'_j[s] D_ij[s] for j <= i, 0 for j > i.   X, S', B [C][lm1]; out [C][lc1]
 // (W with X = pm, dA with X = dlm). rowscale (optional, [C]) multiplies row i.
-// bf16 path (tensor cores), in 16-row sub-chunks: for j before the sub-chunk of i, whose first row
-// is r0, D_ij = 2^{B_i - B_r0} 2^{B_r0 - B_j} with both factors <= 1, so those entries are one
-// product [C x M] x [M x C] of decay-weighted operands; the pairs inside the sub-chunk (r0 <= j <= i)
-// take one exp2 per term as on the f32 path.
+// Tensor-core path: for the strip of i with first row r0, one product over s of X_i 2^{B_i - B_r0}
+// and S'_j 2^{B_r0 - B_j} for j < r0 + 16 (j < r0 where the sub-chunk is `direct`, whose own pairs
+// then take one exp2 per term).
 template <bool kTc>
 __device__ __forceinline__ void pair_weights(float* sOut, const float* sX, const float* sS,
                                              const float* sB, const float* rowscale,
-                                             const Layout& L) {
+                                             const int* direct, const Layout& L) {
+  const int C = L.C, M = L.M, lm1 = L.lm1, lc1 = L.lc1;
   if constexpr (kTc) {
-    const int C = L.C, M = L.M, lm1 = L.lm1, lc1 = L.lc1;
     for_tc_tiles(C, C, [&](const TcTile& tl) {
-      const int r0 = tl.r0;
-      if (tl.c0 >= r0) return;  // every column is in the sub-chunk or after it: the direct pass
+      const int r0 = tl.r0, jend = direct[r0 >> 4] ? r0 : r0 + 16;
       const float* br = sB + r0 * lm1;
       float acc[2][8] = {};
-      mm_acc_range<true, true>(
-          acc, tl, 0, M, [&](int i, int s) { return sX[i * lm1 + s] * exp2f(sB[i * lm1 + s] - br[s]); },
-          [&](int s, int j) { return j < r0 ? sS[j * lm1 + s] * exp2f(br[s] - sB[j * lm1 + s]) : 0.f; });
+      if (tl.c0 < jend)
+        mm_acc_range<true, true>(
+            acc, tl, 0, M,
+            [&](int i, int s) { return sX[i * lm1 + s] * exp2f(sB[i * lm1 + s] - br[s]); },
+            [&](int s, int j) {
+              return j < jend ? sS[j * lm1 + s] * exp2f(br[s] - sB[j * lm1 + s]) : 0.f;
+            });
 #pragma unroll
       for (int v = 0; v < TcTile::kR; ++v)
 #pragma unroll
-        for (int u = 0; u < TcTile::kC; ++u)
-          if (tl.rv[v] && tl.cv[u] && tl.c[u] < r0) {
-            const int i = tl.r[v];
-            sOut[i * lc1 + tl.c[u]] = rowscale ? acc[v][u] * rowscale[i] : acc[v][u];
-          }
+        for (int u = 0; u < TcTile::kC; ++u) {
+          const int i = tl.r[v], j = tl.c[u];
+          if (!tl.rv[v] || !tl.cv[u] || (j >= jend && j <= i)) continue;  // left to the direct pass
+          const float w = j <= i ? acc[v][u] : 0.f;
+          sOut[i * lc1 + j] = rowscale ? w * rowscale[i] : w;
+        }
     });
-    for (int e = threadIdx.x; e < C * C; e += blockDim.x) {
-      const int i = e / C, j = e - i * C;
-      if (j < (i & ~15)) continue;
+    for (int e = threadIdx.x; e < C * 16; e += blockDim.x) {  // the direct sub-chunks' own pairs
+      const int i = e >> 4, j = (i & ~15) + (e & 15);
+      if (!direct[i >> 4] || j > i) continue;
       float acc = 0.f;
-      if (j <= i) {
-        for (int s = 0; s < M; ++s)
-          acc += sX[i * lm1 + s] * sS[j * lm1 + s] * exp2f(sB[i * lm1 + s] - sB[j * lm1 + s]);
-        if (rowscale) acc *= rowscale[i];
-      }
-      sOut[i * lc1 + j] = acc;
+      for (int s = 0; s < M; ++s)
+        acc += sX[i * lm1 + s] * sS[j * lm1 + s] * exp2f(sB[i * lm1 + s] - sB[j * lm1 + s]);
+      sOut[i * lc1 + j] = rowscale ? acc * rowscale[i] : acc;
     }
   } else {
-    const int C = L.C, M = L.M;
     for (int p = threadIdx.x; p < C * (C + 1) / 2; p += blockDim.x) {
       int i, j;
       tri_pair(p, i, j);
@@ -502,22 +559,21 @@ __device__ __forceinline__ void pair_weights(float* sOut, const float* sX, const
 }
 
 // dst[i][s] += sum_{j <= i} coef_ij S'_j[s] D_ij[s]   (the in-chunk part of lm with coef = A, of
-// dpm with coef = E).   coef [C][lc1]; S', B, dst [C][lm1]. Starts after a barrier, ends with one.
-// bf16 path: the same sub-chunk split as pair_weights (earlier sub-chunks through the reference row
-// r0 on tensor cores, the own sub-chunk directly).
+// dpm with coef = E; coef is 0 above the diagonal).   coef [C][lc1]; S', B, dst [C][lm1].
+// Starts after a barrier, ends with one. Tensor-core path: one product over j < r0 + 16 of coef and
+// S'_j 2^{B_r0 - B_j}, times 2^{B_i - B_r0} (j < r0 and direct terms for `direct` sub-chunks).
 template <bool kTc>
 __device__ void add_decayed_rows(float* dst, const float* coef, const float* sS, const float* sB,
-                                 const Layout& L) {
+                                 const int* direct, const Layout& L) {
   const int C = L.C, M = L.M, lm1 = L.lm1, lc1 = L.lc1;
-  int jfirst = 0;  // f32: every j <= i directly
   if constexpr (kTc) {
     for_tc_tiles(C, M, [&](const TcTile& tl) {
-      const int r0 = tl.r0;
-      if (r0 == 0) return;
+      const int r0 = tl.r0, jend = direct[r0 >> 4] ? r0 : r0 + 16;
+      if (jend == 0) return;
       const float* br = sB + r0 * lm1;
       float acc[2][8] = {};
       mm_acc_range<true, true>(
-          acc, tl, 0, r0, [&](int i, int j) { return coef[i * lc1 + j]; },
+          acc, tl, 0, jend, [&](int i, int j) { return coef[i * lc1 + j]; },
           [&](int j, int s) { return sS[j * lm1 + s] * exp2f(br[s] - sB[j * lm1 + s]); });
 #pragma unroll
       for (int v = 0; v < TcTile::kR; ++v)
@@ -529,13 +585,13 @@ __device__ void add_decayed_rows(float* dst, const float* coef, const float* sS,
           }
     });
     __syncthreads();
-    jfirst = ~15;  // then only r0 = (i & ~15) <= j <= i directly
   }
   for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
     const int i = e / M, s = e - i * M;
+    if (kTc && !direct[i >> 4]) continue;  // tensor-core path: only the direct sub-chunks
     const float bi = sB[i * lm1 + s];
     float acc = dst[i * lm1 + s];
-    for (int j = i & jfirst; j <= i; ++j)
+    for (int j = kTc ? (i & ~15) : 0; j <= i; ++j)
       acc += coef[i * lc1 + j] * sS[j * lm1 + s] * exp2f(bi - sB[j * lm1 + s]);
     dst[i * lm1 + s] = acc;
   }
@@ -551,7 +607,7 @@ __device__ void add_decayed_rows(float* dst, const float* coef, const float* sS,
 template <bool kTc, typename Tv, class HkOp>
 __device__ void memory_logits(const NhaParams& p, const Layout& L, const Tv* sQ, const Tv* sK,
                               const float* sS, const float* sB, float* sP, float* sA, float* sLM,
-                              float* sLse, const HkOp& Hk) {
+                              float* sLse, const int* direct, const HkOp& Hk) {
   const int C = L.C, D = L.D, M = L.M, ldt = L.ldt, lm1 = L.lm1, lc1 = L.lc1;
   const float scale = p.scale;
   for_tiles_of<kTc>(C, C, [&](const auto& tl) {
@@ -583,7 +639,7 @@ __device__ void memory_logits(const NhaParams& p, const Layout& L, const Tv* sQ,
         }
   });
   __syncthreads();
-  add_decayed_rows<kTc>(sP, sA, sS, sB, L);  // + the in-chunk part
+  add_decayed_rows<kTc>(sP, sA, sS, sB, direct, L);  // + the in-chunk part
   // softmax over the slots, one warp per row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   for (int i = warp; i < C; i += nwarps) {
@@ -726,12 +782,14 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   gate_cumsum(sB, lm1, C, M);
   __syncthreads();
+  __shared__ int sDirect[4];  // sub-chunks whose own pairs are summed directly (tensor-core path)
+  if constexpr (kTc) subchunk_flags(sDirect, sB, L);
   const float* Hk = p.states + (int64_t(bh) * p.N + n) * p.E;
   const float* Hv = Hk + D * M;
-  memory_logits<kTc>(p, L, sQ, sKV, sS, sB, sP, sA, nullptr, sLse,
+  memory_logits<kTc>(p, L, sQ, sKV, sS, sB, sP, sA, nullptr, sLse, sDirect,
                     state_operand<kTc>(sSt, L.st_elems, Hk, D, M));
   load_rows(sKV, ldt, v, b, h, T, p.H, D, t0, p.w, C);
-  pair_weights<kTc>(sA, sP, sS, sB, nullptr, L);
+  pair_weights<kTc>(sA, sP, sS, sB, nullptr, sDirect, L);
   for (int i = threadIdx.x; i < C; i += blockDim.x) {
     const int t = t0 + i;
     float ww = 0.f, wm = 1.f;
@@ -817,9 +875,11 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   gate_cumsum(sB, lm1, C, M);
   __syncthreads();
+  __shared__ int sDirect[4];  // sub-chunks whose own pairs are summed directly (tensor-core path)
+  if constexpr (kTc) subchunk_flags(sDirect, sB, L);
   const float* Hk = p.states + (int64_t(bh) * p.N + n) * p.E;
   const float* Hv = Hk + D * M;
-  memory_logits<kTc>(p, L, sQ, sKV, sS, sB, sP, sA, sLM, sLse,
+  memory_logits<kTc>(p, L, sQ, sKV, sS, sB, sP, sA, sLM, sLse, sDirect,
                     state_operand<kTc>(sSt, L.st_elems, Hk, D, M));
   load_rows(sKV, ldt, v, b, h, T, p.H, D, t0, p.w, C);
   {  // r_i = e^{lse_m - lse}, c_i = r_i dO_i . o_i (= <p_i, dp_i>); one warp per row
@@ -870,7 +930,7 @@ __global__ void __launch_bounds__(kThreads)
         }
   });
   __syncthreads();
-  add_decayed_rows<kTc>(sDP, sA, sS, sB, L);  // dpm: + the in-chunk part
+  add_decayed_rows<kTc>(sDP, sA, sS, sB, sDirect, L);  // dpm: + the in-chunk part
   if (!p.has_window) {
     // No window: the joint softmax is the memory softmax (r = 1), so <p, dp> = sum_s pm dpm
     // exactly. Taking it from dO . out instead brings in out's rounding to bf16, which the two
@@ -970,6 +1030,8 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   gate_cumsum(sB, lm1, C, M);
   __syncthreads();
+  __shared__ int sDirect[4];  // sub-chunks whose own pairs are summed directly (tensor-core path)
+  if constexpr (kTc) subchunk_flags(sDirect, sB, L);
   const float* Hk = p.states + (int64_t(bh) * p.N + n) * p.E;
   const float* dHk = p.dstates + (int64_t(bh) * p.N + n) * p.E;
   const float* dHv = dHk + D * M;
@@ -1019,19 +1081,21 @@ __global__ void __launch_bounds__(kThreads)
   // dS'_j = sum_{i>=j} (A_ij dlm_i + E_ij pm_i) ⊙ D_ij + 2^{b - B_j} ⊙ (state terms)
   const float* blast = sB + (C - 1) * lm1;
   if constexpr (kTc) {
-    // bf16: the rows i of later sub-chunks on tensor cores, through the reference row r1 = the
-    // last row of j's sub-chunk (D_ij = 2^{B_i - B_r1} 2^{B_r1 - B_j}, both <= 1), folded into sX
-    // together with the decayed state terms; i in j's own sub-chunk directly below.
+    // Tensor-core path (see "sub-chunks"): rows i of j's sub-chunk and later ones through the
+    // reference row r1 = the last row of j's sub-chunk, D_ij = 2^{B_i - B_r1} 2^{B_r1 - B_j} (A and
+    // E are 0 for i < j), folded into sX together with the decayed state terms; a `direct`
+    // sub-chunk's own rows take one exp2 per term below.
     for_tc_tiles(C, M, [&](const TcTile& tl) {
       const float* br = sB + (tl.r0 + 15) * lm1;
+      const int ibeg = sDirect[tl.r0 >> 4] ? tl.r0 + 16 : tl.r0;
       auto later = [&](const float* x) {
         return [=](int i, int c) { return x[i * lm1 + c] * exp2f(sB[i * lm1 + c] - br[c]); };
       };
       float acc[2][8] = {};
-      mm_acc_range<true, true>(acc, tl, tl.r0 + 16, C,
-                               [&](int j, int i) { return sA[i * lc1 + j]; }, later(sDL));
-      mm_acc_range<true, true>(acc, tl, tl.r0 + 16, C,
-                               [&](int j, int i) { return sE[i * lc1 + j]; }, later(sP));
+      mm_acc_range<true, true>(acc, tl, ibeg, C, [&](int j, int i) { return sA[i * lc1 + j]; },
+                               later(sDL));
+      mm_acc_range<true, true>(acc, tl, ibeg, C, [&](int j, int i) { return sE[i * lc1 + j]; },
+                               later(sP));
 #pragma unroll
       for (int v = 0; v < TcTile::kR; ++v)
 #pragma unroll
@@ -1048,7 +1112,8 @@ __global__ void __launch_bounds__(kThreads)
     const int j = e / M, c = e - j * M, t = t0 + j;
     const float bj = sB[j * lm1 + c];
     float acc = 0.f;
-    const int ilast = kTc ? (j | 15) : C - 1;
+    // f32: every i >= j; tensor-core path: i in j's sub-chunk where it is direct, else none
+    const int ilast = !kTc ? C - 1 : sDirect[j >> 4] ? (j | 15) : j - 1;
     for (int i = j; i <= ilast; ++i)
       acc += (sA[i * lc1 + j] * sDL[i * lm1 + c] + sE[i * lc1 + j] * sP[i * lm1 + c]) *
              exp2f(sB[i * lm1 + c] - bj);
@@ -1057,16 +1122,15 @@ __global__ void __launch_bounds__(kThreads)
     sX[j * lm1 + c] = p.xp[(rowbase + j) * M + c] - sS[j * lm1 + c] * dS;
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < M; c += blockDim.x) {  // in-chunk reverse cumsum of X
-    float acc = 0.f;
-    for (int i = C - 1; i >= 0; --i) {
-      acc += sX[i * lm1 + c];
-      p.xp[(rowbase + i) * M + c] = acc;
-    }
-    p.xtot[(int64_t(bh) * p.N + n) * M + c] = acc;
+  column_scan(sX, lm1, C, M, 1.f, true);  // in-chunk reverse cumsum of X
+  __syncthreads();
+  for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
+    const int i = e / M, c = e - i * M;
+    p.xp[(rowbase + i) * M + c] = sX[i * lm1 + c];
+    if (i == 0) p.xtot[(int64_t(bh) * p.N + n) * M + c] = sX[c];
   }
-  pair_weights<kTc>(sE, sP, sS, sB, sR, L);     // r_i W_ij
-  pair_weights<kTc>(sA, sDL, sS, sB, nullptr, L);  // dA_ij
+  pair_weights<kTc>(sE, sP, sS, sB, sR, sDirect, L);     // r_i W_ij
+  pair_weights<kTc>(sA, sDL, sS, sB, nullptr, sDirect, L);  // dA_ij
   __syncthreads();
   for (int e = threadIdx.x; e < C * M; e += blockDim.x) {
     const int i = e / M, c = e - i * M;
@@ -1275,7 +1339,7 @@ int choose_chunk(int dev, int D, int M, int tsize, bool tc) {
   if (const char* e = std::getenv("NHA_CUDA_NHA_CHUNK")) forced = std::atoi(e);
   for (int C : {64, 32, 16}) {
     if (forced > 0 && C > forced) continue;
-    if (Layout(C, D, M, tsize, tc).max_bytes() <= limit) return C;
+    if (Layout(C, D, M, tsize, tc).max_bytes() + kStaticSmem <= limit) return C;
   }
   NHA_FAIL() << "nha: no chunk size fits shared memory for head dim " << D << " and " << M
              << " slots";

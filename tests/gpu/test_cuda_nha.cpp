@@ -221,6 +221,16 @@ TEST(CudaNha, Bf16StrongDecayIsStable) {
   check_nha({1, 300, 2, 128, 64, DType::BF16, DType::BF16, 64, -12.0}, 660, kBf16Tol, kBf16LseTol,
             &worst);
   worst.print("bf16 strong decay");
+  // Gates so strong that a 16-row sub-chunk decays by more than 2^64 in some (f ~ N(-24, 2)) or
+  // every (N(-60, 2)) slot: those sub-chunks' own pairs take the direct path (nha.cu "sub-chunks").
+  Worst extreme;
+  check_nha({1, 200, 2, 64, 16, DType::BF16, DType::F32, 0, -24.0}, 662, kBf16Tol, kBf16LseTol,
+            &extreme);
+  check_nha({1, 200, 2, 64, 16, DType::BF16, DType::F32, 0, -60.0}, 664, kBf16Tol, kBf16LseTol,
+            &extreme);
+  check_nha({1, 150, 2, 128, 64, DType::BF16, DType::BF16, 20, -60.0}, 666, kBf16Tol, kBf16LseTol,
+            &extreme);
+  extreme.print("bf16 extreme decay (direct sub-chunks)");
 }
 
 // Sub-chunks of 16 rows inside 16/32-row chunks, rows past T inside a sub-chunk, odd slot counts.
