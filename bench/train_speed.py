@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Training speed against sequence length, on one GPU, all in one run:
 
-  ours  `nha train` of configs/transformer-125m.yaml and configs/nha-125m.yaml (the ~125M family on
-        one parameter budget: d 768, 14 layers, 6 heads; NHA w 64, m 64, every 4th layer w >= T)
+  ours  `nha train` of configs/transformer-FAMILY.yaml and configs/nha-FAMILY.yaml (--family 125m:
+        d 768, 14 layers, 6 heads; 20m: d 256, 12 layers, 4 heads; NHA w 64, m 64, every 4th layer
+        w >= T)
   peer  the same Transformer++ shape in PyTorch (../shared/bench/peer_torch.py: eager and
         torch.compile, SDPA flash attention, fused AdamW), when --peer is given
 
@@ -29,9 +30,16 @@ import subprocess
 import sys
 import time
 
-MODELS = {"transformer++": "configs/transformer-125m.yaml", "nha": "configs/nha-125m.yaml"}
-# The peer at transformer-125m.yaml's shape (vocab, d, layers, heads, mlp hidden).
-PEER_SHAPE = dict(V=16384, d=768, L=14, h=6, ff=2048)
+# Per model family: our two configs and the peer at the Transformer++ config's shape (vocab, d,
+# layers, heads, mlp hidden).
+FAMILIES = {
+    "125m": {"models": {"transformer++": "configs/transformer-125m.yaml",
+                        "nha": "configs/nha-125m.yaml"},
+             "peer_shape": dict(V=16384, d=768, L=14, h=6, ff=2048)},
+    "20m": {"models": {"transformer++": "configs/transformer-20m.yaml",
+                       "nha": "configs/nha-20m.yaml"},
+            "peer_shape": dict(V=16384, d=256, L=12, h=4, ff=768)},
+}
 
 
 def run_ours(args, name, config, T, B):
@@ -67,10 +75,10 @@ def load_peer(path):
     return module
 
 
-def run_peer(peer, T, B, compile_):
-    s = PEER_SHAPE
+def run_peer(peer, family, T, B, compile_):
+    s = FAMILIES[family]["peer_shape"]
     try:
-        r = peer.run(f"transformer-125m-T{T}", s["V"], s["d"], s["L"], s["h"], s["ff"], T, B,
+        r = peer.run(f"transformer-{family}-T{T}", s["V"], s["d"], s["L"], s["h"], s["ff"], T, B,
                      compile_, steps=10)
         return {"tok_s": r["tok_s"], "mfu": r["mfu"], "peak_GiB": r["mem_GiB"]}
     except Exception as e:  # an out-of-memory at long T is a result, not a crash of the bench
@@ -95,7 +103,7 @@ def plot(result, path):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length T (B*T fixed)")
     ax.set_ylabel("training k tokens/s")
-    ax.set_title(f"~125M models, {result['gpu']}")
+    ax.set_title(f"~{result['family'].upper()} models, {result['gpu']}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -108,6 +116,8 @@ def main():
     ap.add_argument("--nha", required=True, help="the nha binary")
     ap.add_argument("--data", required=True, help="token shards directory (train and val)")
     ap.add_argument("--peer", help="peer_torch.py (from ../shared/bench); omitted: no peer")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="125m",
+                    help="which configs (configs/{transformer,nha}-FAMILY.yaml)")
     ap.add_argument("--seq-lens", default="2048,8192,32768")
     ap.add_argument("--peer-seq-lens", default="2048",
                     help="where the peer runs too (torch.compile costs about a minute per shape)")
@@ -132,22 +142,25 @@ def main():
         q = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                            capture_output=True, text=True)
         gpu = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else gpu
-    result = {"what": "training tokens/s against sequence length, ~125M models, bf16, one "
-                      f"micro-batch of {args.tokens_per_step} tokens per optimizer step",
+    models = FAMILIES[args.family]["models"]
+    result = {"what": f"training tokens/s against sequence length, ~{args.family.upper()} models, "
+                      f"bf16, one micro-batch of {args.tokens_per_step} tokens per optimizer step",
+              "family": args.family,
               "gpu": gpu, "commit": os.environ.get("NHA_COMMIT", "unknown"),
-              "date": time.strftime("%Y-%m-%d"), "configs": MODELS, "peer_shape": PEER_SHAPE,
+              "date": time.strftime("%Y-%m-%d"), "configs": models,
+              "peer_shape": FAMILIES[args.family]["peer_shape"],
               "method": f"ours: median progress-record tok/s of steps {args.warmup + 1}.."
                         f"{args.warmup + args.steps}; peer: peer_torch.run(), 10 timed steps",
               "results": []}
     for T in seq_lens:
         B = args.tokens_per_step // T
         row = {"T": T, "B": B}
-        for name, config in MODELS.items():
+        for name, config in models.items():
             row[name] = run_ours(args, name, config, T, B)
             print(f"train_speed: T={T} B={B} ours {name}: {row[name]}", flush=True)
         if peer is not None and str(T) in args.peer_seq_lens.split(","):
             for key, comp in (("peer_eager", False), ("peer_compile", True)):
-                row[key] = run_peer(peer, T, B, comp)
+                row[key] = run_peer(peer, args.family, T, B, comp)
                 print(f"train_speed: T={T} B={B} {key}: {row[key]}", flush=True)
         ours_t, ours_n = row["transformer++"].get("tok_s"), row["nha"].get("tok_s")
         if ours_t and ours_n:

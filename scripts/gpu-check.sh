@@ -69,6 +69,7 @@ if [[ $sanitizer == 1 ]] && command -v compute-sanitizer >/dev/null; then
   filter='Cuda*:-CudaAttention.FlashBf16LongSequenceManyTiles:CudaAttention.SimplePathF32AndOddHeadDims:CudaReduce.SumDimMatchesCpu'
   filter+=':CudaNha.F32OddLengthsAllWindows:CudaNha.F32HeadDim128Slots64:CudaNha.F32ForcedSmallChunksOddSlots'
   filter+=':CudaNha.F32StrongDecayIsStable:CudaNha.Bf16OddLengthsAllWindows:CudaNha.Bf16WithF32GatesAndOtherHeadDims'
+  filter+=':CudaNha.Bf16StrongDecayIsStable:CudaNha.Bf16CudaCoreKernels'
   if NHA_CUDA_NO_CACHE=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
        $tests_bin --gtest_filter="$filter" >"$OUT/sanitizer.log" 2>&1; then
     note "compute-sanitizer memcheck: ok ($((SECONDS - t0)) s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"

@@ -103,6 +103,7 @@ struct AttnParams {
   int window;          // in [1, T]: keys t - window < j <= t
   float scale;         // softmax scale
   float scale_log2;    // scale * log2(e)
+  float sinks;         // extra keys of logit 0 and value 0 in every row's softmax (0: none)
 };
 
 // ==== forward ======================================================================================
@@ -272,23 +273,29 @@ __global__ void __launch_bounds__(NW * 32)
     __syncthreads();  // the stage read here is refilled by the next iteration's prefetch
   }
 
-  // out = O / l;  lse = (m + log2 l) ln 2
+  // out = O / l;  lse = (m + log2 l) ln 2   (with sinks: l += sinks 2^{0 - m} at a common max)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float l = row_l[mt][i];
+      float l = row_l[mt][i], m = row_m[mt][i], rescale = 1.f;
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
+      if (p.sinks > 0.f) {
+        const float mx = fmaxf(m, 0.f);
+        rescale = exp2f(m - mx);
+        l = l * rescale + p.sinks * exp2f(-mx);
+        m = mx;
+      }
       const int row = r0 + mt * 16 + g + i * 8;
       if (row < T) {
-        const float inv = 1.f / l;
+        const float inv = rescale / l;
         bf16_t* orow = p.out + base + int64_t(row) * stride;
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt)
           *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * tq) =
               pack_bf16(o[mt][dt][2 * i] * inv, o[mt][dt][2 * i + 1] * inv);
-        if (tq == 0) p.lse[int64_t(bh) * T + row] = (row_m[mt][i] + log2f(l)) * kLn2;
+        if (tq == 0) p.lse[int64_t(bh) * T + row] = (m + log2f(l)) * kLn2;
       }
     }
 }
@@ -781,7 +788,7 @@ template <typename T, int NE>
 __global__ void simple_forward_kernel(T* __restrict__ out, float* __restrict__ lse,
                                       const T* __restrict__ q, const T* __restrict__ k,
                                       const T* __restrict__ v, int B, int T_, int H, int D,
-                                      float scale, int window) {
+                                      float scale, int window, float sinks) {
   const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;  // (b, h, t)
   const int lane = threadIdx.x & 31;
   if (row >= int64_t(B) * H * T_) return;
@@ -812,6 +819,13 @@ __global__ void simple_forward_kernel(T* __restrict__ out, float* __restrict__ l
       const int d = lane + 32 * e;
       acc[e] = acc[e] * c + (d < D ? pj * to_f32(vj[d]) : 0.f);
     }
+    m = m_new;
+  }
+  if (sinks > 0.f) {  // sinks keys of logit 0, value 0
+    const float m_new = fmaxf(m, 0.f), c = expf(m - m_new);
+    l = l * c + sinks * expf(-m_new);
+#pragma unroll
+    for (int e = 0; e < NE; ++e) acc[e] *= c;
     m = m_new;
   }
 #pragma unroll
@@ -977,6 +991,12 @@ int clamp_window(int64_t window, int T) { return (window <= 0 || window > T) ? T
 
 void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                                     const Tensor& v, double scale, int64_t window) {
+  attention_forward_sinks(out, lse, q, k, v, scale, window, 0);
+}
+
+void CudaBackend::attention_forward_sinks(Tensor& out, Tensor& lse, const Tensor& q,
+                                          const Tensor& k, const Tensor& v, double scale,
+                                          int64_t window, int64_t sinks) {
   const int dev = q.device().index;
   const Dims d = check_attention("attention_forward", dev, q, k, v, lse);
   check_cuda_tensor(out, dev, "attention_forward", "out");
@@ -999,6 +1019,7 @@ void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, c
     p.window = win;
     p.scale = float(scale);
     p.scale_log2 = float(scale * 1.4426950408889634);
+    p.sinks = float(sinks);
     switch (d.D) {
       case 64: flash_forward<64>(p, d.B, st); break;
       case 128: flash_forward<128>(p, d.B, st); break;
@@ -1012,7 +1033,8 @@ void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, c
       simple_forward_kernel<T, NE><<<grid_for(rows * 32, 256, 1LL << 30), 256, 0, st>>>(
           static_cast<T*>(out.data_ptr()), static_cast<float*>(lse.data_ptr()),
           static_cast<const T*>(q.data_ptr()), static_cast<const T*>(k.data_ptr()),
-          static_cast<const T*>(v.data_ptr()), d.B, d.T, d.H, d.D, float(scale), win);
+          static_cast<const T*>(v.data_ptr()), d.B, d.T, d.H, d.D, float(scale), win,
+          float(sinks));
       CUDA_CHECK_LAUNCH();
     });
   });

@@ -63,6 +63,12 @@ class CudaBackend final : public Backend {
   void softmax_backward(Tensor& dx, const Tensor& dout, const Tensor& out) override;
   void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                          const Tensor& v, double scale, int64_t window) override;
+  // attention_forward with `sinks` extra keys of logit 0 and value 0 that every query sees (the M
+  // empty memory slots of an NHA layer with window >= T): they enlarge the softmax denominator
+  // (out and lse) and contribute nothing to out. attention_backward with this out and lse is
+  // the matching backward as it is.
+  void attention_forward_sinks(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                               const Tensor& v, double scale, int64_t window, int64_t sinks);
   void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& q,
                           const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                           double scale, int64_t window) override;

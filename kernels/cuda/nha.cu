@@ -48,13 +48,15 @@
 // (the exponent base change is exact: 2^{log2(e) x} = e^x.)
 //
 // Implementation: every chunk kernel is one block of 256 threads per (chunk, b*h); the chunk's
-// rows live in shared memory (q, K', V', dO in the input dtype; everything else f32), matrix
-// products are register-tiled (4x4 per thread) f32 FMAs over shared memory, or over a state read
-// from global memory (then placed as the row operand or as coalesced columns). The
-// exp-weighted sums (lm, W, dpm, dS', dA) are computed directly, one exp2 per term. States,
-// their gradients, logits, softmax statistics and gate cumsums are f32 throughout; no float
-// atomics anywhere (deterministic). window >= T: memory is never written, o_m = 0 and
-// lse_m = log M; a short elementwise path handles that.
+// rows live in shared memory (q, K', V', dO in the input dtype; everything else f32). Matrix
+// products run on one of two engines behind one interface (for_tiles_of + mm_acc): f32 FMA
+// register tiles (4x4 per thread; the f32 path, exact to f32 roundoff) or mma.sync tensor-core
+// strips of 16 x 32 (the bf16 path; "block matrix products on tensor cores" below says how f32
+// operands keep their precision, "sub-chunks" how the exp-weighted sums lm, W, dpm, dS', dA become
+// products). On the f32 path those sums take one exp2 per term. States, their gradients, logits,
+// softmax statistics and gate cumsums are f32 throughout; no float atomics anywhere
+// (deterministic). window >= T: memory is never written; the flash kernel runs with the M slots as
+// zero-logit, zero-value sinks (attention_forward_sinks).
 //
 // Supported: q, k, qr, kr, v, out, dout f32 or bf16 (one dtype), s, g (ds, dg) that dtype or f32;
 // head dim D a multiple of 8 in [8, 256]; slots M in [1, 128]; any T >= 1; B*H <= 65535.
@@ -1238,32 +1240,6 @@ __global__ void nha_dg_kernel(const NhaParams p, Ts* __restrict__ dg) {
   }
 }
 
-// ==== window >= T: the memory is never written ================================================
-// o_m = 0 and lse_m = log M, so out = o_w e^{lse_w - L}, L = logaddexp(lse_w, log M).
-// Pass 1 scales out (reads lse), pass 2 rewrites lse.   out [B, T, H, D], lse [B, H, T]
-template <typename Tv>
-__global__ void nha_empty_scale_kernel(Tv* __restrict__ out, const float* __restrict__ lse, int B,
-                                       int T, int H, int D, float logm) {
-  const int64_t total = int64_t(B) * T * H * D;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    int64_t row = e / D;
-    const int h = int(row % H);
-    row /= H;
-    const int t = int(row % T), b = int(row / T);
-    const float lw = lse[(int64_t(b) * H + h) * T + t];
-    const float tot = fmaxf(lw, logm) + log1pf(expf(-fabsf(lw - logm)));
-    out[e] = from_f32<Tv>(to_f32(out[e]) * expf(lw - tot));
-  }
-}
-__global__ void nha_empty_lse_kernel(float* __restrict__ lse, int64_t n, float logm) {
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const float lw = lse[e];
-    lse[e] = fmaxf(lw, logm) + log1pf(expf(-fabsf(lw - logm)));
-  }
-}
-
 // ==== gates ===========================================================================================
 // g = logsigmoid(f) / 8 = (min(f, 0) - log1p(e^{-|f|})) / 8;  s = 1 - e^g = -expm1(g)
 template <typename Tf, typename Tg>
@@ -1430,21 +1406,14 @@ void CudaBackend::nha_forward(Tensor& out, Tensor& lse, const Tensor& q, const T
   }
   DeviceGuard guard(dev);
   cudaStream_t st = current_stream(dev);
-  // Window branch: (o_w, lse_w) straight into out, lse (window >= T: plain causal).
-  if (window > 0) attention_forward(out, lse, qr, kr, v, scale, window >= d.T ? 0 : window);
-  if (window >= d.T) {  // memory never written: merge with M zero-logit, zero-value slots
-    const float logm = logf(float(d.M));
-    dispatch_f32_bf16(q, op, [&]<typename Tv>() {
-      nha_empty_scale_kernel<Tv><<<grid_for(out.numel(), 256), 256, 0, st>>>(
-          static_cast<Tv*>(out.data_ptr()), static_cast<const float*>(lse.data_ptr()), d.B, d.T,
-          d.H, d.D, logm);
-      CUDA_CHECK_LAUNCH();
-    });
-    nha_empty_lse_kernel<<<grid_for(lse.numel(), 256), 256, 0, st>>>(
-        static_cast<float*>(lse.data_ptr()), lse.numel(), logm);
-    CUDA_CHECK_LAUNCH();
+  if (window >= d.T) {
+    // Memory never written: causal attention with the M empty slots as zero-logit, zero-value
+    // keys inside the flash kernel's softmax (no pass over out afterwards).
+    attention_forward_sinks(out, lse, qr, kr, v, scale, 0, d.M);
     return;
   }
+  // Window branch: (o_w, lse_w) straight into out, lse; the memory branch merges into them.
+  if (window > 0) attention_forward(out, lse, qr, kr, v, scale, window);
   const int tsize = int(dtype_size(q.dtype()));
   const bool tc = tensor_cores(q);
   const int C = choose_chunk(dev, d.D, d.M, tsize, tc);
