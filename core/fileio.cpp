@@ -1,10 +1,18 @@
 #include "core/fileio.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <system_error>
+#include <vector>
 
 #include "core/error.h"
 
@@ -33,6 +41,156 @@ void write_file_atomic(const std::string& path, std::string_view contents) {
   std::error_code ec;
   fs::rename(tmp, path, ec);
   NHA_CHECK(!ec) << "cannot rename '" << tmp << "' to '" << path << "': " << ec.message();
+}
+
+// ---- integrity seals ----------------------------------------------------------------------------
+
+namespace {
+
+constexpr uint64_t kP1 = 11400714785074694791ULL, kP2 = 14029467366897019727ULL,
+                   kP3 = 1609587929392839161ULL, kP4 = 9650029242287828579ULL,
+                   kP5 = 2870177450012600261ULL;
+constexpr size_t kSealBlock = size_t(1) << 20;
+constexpr char kSealMagic[] = "nha-seal-v1 ";
+constexpr char kHdf5Signature[] = "\x89HDF\r\n\x1a\n";
+
+uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+uint64_t load64(const unsigned char* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);  // little-endian hosts only (x86-64, aarch64), as the rest of the code
+  return v;
+}
+uint32_t load32(const unsigned char* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+uint64_t xxh_round(uint64_t acc, uint64_t input) { return rotl(acc + input * kP2, 31) * kP1; }
+uint64_t xxh_merge(uint64_t acc, uint64_t v) { return (acc ^ xxh_round(0, v)) * kP1 + kP4; }
+
+// A file descriptor closed at scope exit.
+struct Fd {
+  int fd;
+  explicit Fd(int f) : fd(f) {}
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+};
+
+// Reads exactly n bytes at `offset`; false on a short read or an error.
+bool pread_all(int fd, void* buf, size_t n, int64_t offset) {
+  char* p = static_cast<char*>(buf);
+  while (n > 0) {
+    const ssize_t r = ::pread(fd, p, n, off_t(offset));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= size_t(r);
+    offset += r;
+  }
+  return true;
+}
+
+// The chained block hash of bytes [kSealBytes, kSealBytes + n) (see fileio.h).
+uint64_t hash_after_seal(int fd, int64_t n, const std::string& path) {
+  std::vector<unsigned char> buf(kSealBlock);
+  uint64_t h = 0;
+  for (int64_t done = 0; done < n;) {
+    const size_t len = size_t(std::min<int64_t>(n - done, int64_t(kSealBlock)));
+    NHA_CHECK(pread_all(fd, buf.data(), len, kSealBytes + done))
+        << "cannot read '" << path << "': " << std::strerror(errno) << ". HINT: is the file whole?";
+    h = xxh64(buf.data(), len, h);
+    done += int64_t(len);
+  }
+  return h;
+}
+
+bool checksums_skipped() {
+  const char* v = std::getenv("NHA_SKIP_CHECKSUMS");
+  return v && *v && std::string(v) != "0";
+}
+
+}  // namespace
+
+uint64_t xxh64(const void* data, size_t n, uint64_t seed) {
+  const unsigned char* p = static_cast<const unsigned char*>(data);
+  const unsigned char* const end = p + n;
+  uint64_t h;
+  if (n >= 32) {
+    uint64_t v1 = seed + kP1 + kP2, v2 = seed + kP2, v3 = seed, v4 = seed - kP1;
+    for (; p + 32 <= end; p += 32) {
+      v1 = xxh_round(v1, load64(p));
+      v2 = xxh_round(v2, load64(p + 8));
+      v3 = xxh_round(v3, load64(p + 16));
+      v4 = xxh_round(v4, load64(p + 24));
+    }
+    h = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
+    h = xxh_merge(xxh_merge(xxh_merge(xxh_merge(h, v1), v2), v3), v4);
+  } else {
+    h = seed + kP5;
+  }
+  h += uint64_t(n);
+  for (; p + 8 <= end; p += 8) h = rotl(h ^ xxh_round(0, load64(p)), 27) * kP1 + kP4;
+  if (p + 4 <= end) {
+    h = rotl(h ^ (uint64_t(load32(p)) * kP1), 23) * kP2 + kP3;
+    p += 4;
+  }
+  for (; p < end; ++p) h = rotl(h ^ (uint64_t(*p) * kP5), 11) * kP1;
+  h ^= h >> 33;
+  h *= kP2;
+  h ^= h >> 29;
+  h *= kP3;
+  h ^= h >> 32;
+  return h;
+}
+
+void seal_file(const std::string& path) {
+  Fd f(::open(path.c_str(), O_RDWR));
+  NHA_CHECK(f.fd >= 0) << "cannot open '" << path << "' to seal it: " << std::strerror(errno);
+  const int64_t size = int64_t(::lseek(f.fd, 0, SEEK_END));
+  unsigned char head[8] = {};
+  NHA_CHECK(size >= kSealBytes + 8 && pread_all(f.fd, head, 8, kSealBytes) &&
+            std::memcmp(head, kHdf5Signature, 8) == 0)
+      << "internal: '" << path << "' has no " << kSealBytes << "-byte user block to seal";
+  char seal[kSealBytes] = {};
+  std::snprintf(seal, sizeof(seal), "%sxxh64=%016" PRIx64 " bytes=%" PRId64 "\n", kSealMagic,
+                hash_after_seal(f.fd, size - kSealBytes, path), size - kSealBytes);
+  NHA_CHECK(::pwrite(f.fd, seal, sizeof(seal), 0) == ssize_t(sizeof(seal)))
+      << "cannot write the seal of '" << path << "': " << std::strerror(errno)
+      << ". HINT: is the disk full?";
+}
+
+bool check_seal(const std::string& path, const std::string& hint) {
+  Fd f(::open(path.c_str(), O_RDONLY));
+  NHA_CHECK(f.fd >= 0) << "cannot open '" << path << "': " << std::strerror(errno)
+                       << ". HINT: check the path and its permissions";
+  const int64_t size = int64_t(::lseek(f.fd, 0, SEEK_END));
+  char seal[kSealBytes + 1] = {};
+  const bool whole_block = pread_all(f.fd, seal, size_t(std::min(size, kSealBytes)), 0) &&
+                           size >= kSealBytes;
+  if (size >= 8 && std::memcmp(seal, kHdf5Signature, 8) == 0) return false;  // written unsealed
+  uint64_t want = 0;
+  long long bytes = -1;
+  NHA_CHECK(whole_block && std::memcmp(seal, kSealMagic, sizeof(kSealMagic) - 1) == 0 &&
+            std::sscanf(seal + sizeof(kSealMagic) - 1, "xxh64=%16" SCNx64 " bytes=%lld", &want,
+                        &bytes) == 2)
+      << "'" << path << "' is damaged or not an NHA HDF5 file: its first bytes are neither an "
+      << "integrity seal nor the HDF5 signature. HINT: " << hint;
+  NHA_CHECK(bytes == size - kSealBytes)
+      << "'" << path << "' is damaged: " << size - kSealBytes << " bytes follow its seal, which "
+      << "was made over " << bytes << " (the file was cut short or appended to). HINT: " << hint;
+  if (checksums_skipped()) return false;
+  const uint64_t got = hash_after_seal(f.fd, bytes, path);
+  char got_hex[17], want_hex[17];
+  std::snprintf(got_hex, sizeof(got_hex), "%016" PRIx64, got);
+  std::snprintf(want_hex, sizeof(want_hex), "%016" PRIx64, want);
+  NHA_CHECK(got == want) << "'" << path << "' is damaged: its content checksum is " << got_hex
+                         << " but the file was written with " << want_hex
+                         << " (NHA_SKIP_CHECKSUMS=1 skips this check at your own risk). HINT: "
+                         << hint;
+  return true;
 }
 
 }  // namespace nha

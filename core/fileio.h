@@ -2,6 +2,8 @@
 // temporary name in the same directory (unique per process) and are renamed over the final name
 // only when completely written, so readers see either the old file or the new one.
 #pragma once
+#include <cstddef>
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -13,5 +15,26 @@ void write_file_atomic(const std::string& path, std::string_view contents);
 
 // The temporary name write_file_atomic uses for `path` (for writers that stream, e.g. HDF5).
 std::string temp_path_for(const std::string& path);
+
+// ---- integrity seals ----------------------------------------------------------------------------
+// HDF5 files we write (checkpoints, export files, token shards) start with a 512-byte HDF5 user
+// block, which HDF5 and h5py skip. seal_file() writes into it a checksum of every byte after it:
+//   "nha-seal-v1 xxh64=<16 hex digits> bytes=<N>\n" (zero padded)
+// where the checksum is XXH64 chained over 1 MiB blocks (block k hashed with block k-1's hash as
+// seed, the first with seed 0). check_seal() verifies it before HDF5 parses the file: HDF5 1.10
+// crashes on some damaged metadata (a string length in its global heap), so a damaged file must be
+// refused before it reaches the library. NHA_SKIP_CHECKSUMS=1 skips the hashing (not the size check).
+inline constexpr int64_t kSealBytes = 512;
+
+// XXH64 of `n` bytes (the reference algorithm by Yann Collet).
+uint64_t xxh64(const void* data, size_t n, uint64_t seed);
+
+// Writes the seal of a closed file that was created with a kSealBytes user block.
+void seal_file(const std::string& path);
+
+// true: the seal matched. false: the file has no seal (written before seals existed; its first
+// bytes are the HDF5 signature) or hashing is skipped. Throws an Error naming the file and ending
+// with `hint` when the seal does not match, the size differs or the file is neither.
+bool check_seal(const std::string& path, const std::string& hint);
 
 }  // namespace nha

@@ -92,6 +92,26 @@ std::vector<std::string> read_str_list_attr(const H5::H5File& f, const char* nam
   return out;
 }
 
+constexpr const char* kDamagedHint = "the shard is damaged; re-run `nha prepare`";
+
+// Attributes in the ranges `nha prepare` writes: a damaged or hand-edited shard must not reach
+// the loaders (a huge num_tokens or a negative eos_id would index out of bounds).
+void check_meta(const ShardMeta& m, const std::string& path) {
+  auto fail_unless = [&](bool ok, const char* what, int64_t v) {
+    NHA_CHECK(ok) << "'" << path << "': attribute " << what << " = " << v
+                  << " is out of range. HINT: " << kDamagedHint;
+  };
+  fail_unless(m.token_bytes == 2 || m.token_bytes == 4, "token size (bytes)", m.token_bytes);
+  fail_unless(m.vocab_size > 0 && m.vocab_size <= (int64_t(1) << (8 * m.token_bytes)),
+              "vocab_size", m.vocab_size);
+  fail_unless(m.eos_id >= 0 && m.eos_id < m.vocab_size, "eos_id", m.eos_id);
+  fail_unless(m.shard_index >= 0, "shard_index", m.shard_index);
+  fail_unless(m.num_documents > 0, "num_documents", m.num_documents);
+  fail_unless(m.num_tokens >= m.num_documents, "num_tokens", m.num_tokens);
+  NHA_CHECK(m.split == "train" || m.split == "val")
+      << "'" << path << "': attribute split is '" << m.split << "'. HINT: " << kDamagedHint;
+}
+
 ShardMeta read_meta(const H5::H5File& f) {
   ShardMeta m;
   m.format = read_str_attr(f, "format");
@@ -109,6 +129,44 @@ ShardMeta read_meta(const H5::H5File& f) {
   return m;
 }
 
+// The HDF5 part of write_shard; every object of the file is closed when it returns.
+void write_hdf5_shard(const std::string& tmp, const std::vector<uint32_t>& tokens,
+                      const std::vector<uint64_t>& doc_offsets, const ShardMeta& meta) {
+  // No modification times in object headers: the same tokens give byte-identical files.
+  H5::FileCreatPropList fcpl;
+  H5Pset_obj_track_times(fcpl.getId(), false);
+  fcpl.setUserblock(hsize_t(kSealBytes));  // room for the integrity seal (core/fileio.h)
+  H5::H5File f(tmp, H5F_ACC_TRUNC, fcpl);
+  hsize_t n = tokens.size();
+  H5::DataSpace space(1, &n);
+  // Contiguous and unfiltered (the default layout): the loader maps the bytes directly.
+  // HDF5 converts our uint32 buffer to the file's uint16 on the fly.
+  const H5::PredType& file_type =
+      meta.token_bytes == 2 ? H5::PredType::STD_U16LE : H5::PredType::STD_U32LE;
+  H5::DSetCreatPropList dcpl;
+  H5Pset_obj_track_times(dcpl.getId(), false);
+  H5::DataSet ds = f.createDataSet("tokens", file_type, space, dcpl);
+  ds.write(tokens.data(), H5::PredType::NATIVE_UINT32);
+  hsize_t nd = doc_offsets.size();
+  H5::DataSpace dspace(1, &nd);
+  H5::DataSet offs = f.createDataSet("doc_offsets", H5::PredType::STD_U64LE, dspace, dcpl);
+  offs.write(doc_offsets.data(), H5::PredType::NATIVE_UINT64);
+  write_attr(f, "format", meta.format);
+  write_attr(f, "split", meta.split);
+  write_attr(f, "shard_index", meta.shard_index);
+  write_attr(f, "vocab_size", meta.vocab_size);
+  write_attr(f, "eos_id", meta.eos_id);
+  write_attr(f, "tokenizer_hash", meta.tokenizer_hash);
+  write_attr(f, "tokenizer_name", meta.tokenizer_name);
+  write_attr(f, "num_documents", meta.num_documents);
+  write_attr(f, "num_tokens", meta.num_tokens);
+  write_attr(f, "sources", meta.sources);
+  // Closed here, not by destructors, which would swallow a failed write (a full disk).
+  ds.close();
+  offs.close();
+  f.close();
+}
+
 }  // namespace
 
 void write_shard(const std::string& path, const std::vector<uint32_t>& tokens,
@@ -121,39 +179,16 @@ void write_shard(const std::string& path, const std::vector<uint32_t>& tokens,
   meta.num_documents = int64_t(doc_offsets.size()) - 1;
   const std::string tmp = temp_path_for(path);
   try {
-    // No modification times in object headers: the same tokens give byte-identical files.
-    H5::FileCreatPropList fcpl;
-    H5Pset_obj_track_times(fcpl.getId(), false);
-    H5::H5File f(tmp, H5F_ACC_TRUNC, fcpl);
-    hsize_t n = tokens.size();
-    H5::DataSpace space(1, &n);
-    // Contiguous and unfiltered (the default layout): the loader maps the bytes directly.
-    // HDF5 converts our uint32 buffer to the file's uint16 on the fly.
-    const H5::PredType& file_type =
-        meta.token_bytes == 2 ? H5::PredType::STD_U16LE : H5::PredType::STD_U32LE;
-    H5::DSetCreatPropList dcpl;
-    H5Pset_obj_track_times(dcpl.getId(), false);
-    H5::DataSet ds = f.createDataSet("tokens", file_type, space, dcpl);
-    ds.write(tokens.data(), H5::PredType::NATIVE_UINT32);
-    hsize_t nd = doc_offsets.size();
-    H5::DataSpace dspace(1, &nd);
-    H5::DataSet offs = f.createDataSet("doc_offsets", H5::PredType::STD_U64LE, dspace, dcpl);
-    offs.write(doc_offsets.data(), H5::PredType::NATIVE_UINT64);
-    write_attr(f, "format", meta.format);
-    write_attr(f, "split", meta.split);
-    write_attr(f, "shard_index", meta.shard_index);
-    write_attr(f, "vocab_size", meta.vocab_size);
-    write_attr(f, "eos_id", meta.eos_id);
-    write_attr(f, "tokenizer_hash", meta.tokenizer_hash);
-    write_attr(f, "tokenizer_name", meta.tokenizer_name);
-    write_attr(f, "num_documents", meta.num_documents);
-    write_attr(f, "num_tokens", meta.num_tokens);
-    write_attr(f, "sources", meta.sources);
-    f.close();
+    write_hdf5_shard(tmp, tokens, doc_offsets, meta);
+    seal_file(tmp);  // after every HDF5 object of the file is closed
   } catch (const H5::Exception& e) {
     std::error_code ec;
     fs::remove(tmp, ec);
     hdf5_fail(tmp, "writing", e);
+  } catch (const Error&) {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    throw;
   }
   std::error_code ec;
   fs::rename(tmp, path, ec);
@@ -165,16 +200,19 @@ ShardMeta read_shard_meta(const std::string& path) {
   quiet_hdf5();
   NHA_CHECK(fs::is_regular_file(path)) << "token shard '" << path << "' does not exist"
                                        << ". HINT: create shards with `nha prepare`";
+  check_seal(path, kDamagedHint);
+  ShardMeta m;
   try {
     H5::H5File f(path, H5F_ACC_RDONLY);
-    ShardMeta m = read_meta(f);
-    NHA_CHECK(m.format == kShardFormat)
-        << "'" << path << "' has format '" << m.format << "', expected '" << kShardFormat
-        << "'. HINT: re-create the shards with this version's `nha prepare`";
-    return m;
+    m = read_meta(f);
   } catch (const H5::Exception& e) {
     hdf5_fail(path, "reading", e);
   }
+  NHA_CHECK(m.format == kShardFormat)
+      << "'" << path << "' has format '" << m.format << "', expected '" << kShardFormat
+      << "'. HINT: re-create the shards with this version's `nha prepare`";
+  check_meta(m, path);
+  return m;
 }
 
 TokenShard::TokenShard(const std::string& path) : path_(path) {
@@ -194,12 +232,15 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
                                      << meta_.num_tokens << ". HINT: the shard is damaged; "
                                      << "re-run `nha prepare`";
     H5::DataSet offs = f.openDataSet("doc_offsets");
-    doc_offsets_.resize(size_t(offs.getSpace().getSimpleExtentNpoints()));
+    NHA_CHECK(offs.getSpace().getSimpleExtentNpoints() == meta_.num_documents + 1)
+        << "'" << path << "': /doc_offsets does not hold num_documents + 1 entries. HINT: "
+        << kDamagedHint;
+    doc_offsets_.resize(size_t(meta_.num_documents + 1));
     offs.read(doc_offsets_.data(), H5::PredType::NATIVE_UINT64);
-    NHA_CHECK(int64_t(doc_offsets_.size()) == meta_.num_documents + 1 && doc_offsets_.front() == 0 &&
-              int64_t(doc_offsets_.back()) == meta_.num_tokens)
-        << "'" << path << "': /doc_offsets does not match num_documents/num_tokens"
-        << ". HINT: the shard is damaged; re-run `nha prepare`";
+    NHA_CHECK(doc_offsets_.front() == 0 && int64_t(doc_offsets_.back()) == meta_.num_tokens &&
+              std::is_sorted(doc_offsets_.begin(), doc_offsets_.end()))
+        << "'" << path << "': /doc_offsets is not an increasing list from 0 to num_tokens"
+        << ". HINT: " << kDamagedHint;
     // Map directly when the bytes sit contiguously, unfiltered, little-endian in the file.
     H5::DSetCreatPropList plist = ds.getCreatePlist();
     bool mappable = plist.getLayout() == H5D_CONTIGUOUS && plist.getNfilters() == 0 &&
@@ -215,20 +256,19 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
     hdf5_fail(path, "reading", e);
   }
   if (offset != HADDR_UNDEF) {
-    int fd = ::open(path.c_str(), O_RDONLY);
-    NHA_CHECK(fd >= 0) << "cannot open '" << path << "': " << std::strerror(errno)
-                       << ". HINT: check permissions";
+    // The descriptor stays open: copy() checks through it that the file was not changed in place.
+    fd_ = ::open(path.c_str(), O_RDONLY);
+    NHA_CHECK(fd_ >= 0) << "cannot open '" << path << "': " << std::strerror(errno)
+                        << ". HINT: check permissions";
     struct stat st {};
-    ::fstat(fd, &st);
+    ::fstat(fd_, &st);
     map_bytes_ = size_t(st.st_size);
+    mtime_ns_ = int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
     size_t need = size_t(offset) + size_t(meta_.num_tokens) * size_t(meta_.token_bytes);
-    if (map_bytes_ < need) {
-      ::close(fd);
-      NHA_FAIL() << "'" << path << "' is shorter (" << map_bytes_ << " bytes) than its token array "
-                 << "needs (" << need << "). HINT: the file is truncated; re-run `nha prepare`";
-    }
-    void* p = ::mmap(nullptr, map_bytes_, PROT_READ, MAP_SHARED, fd, 0);
-    ::close(fd);  // the mapping keeps the file open
+    NHA_CHECK(map_bytes_ >= need)
+        << "'" << path << "' is shorter (" << map_bytes_ << " bytes) than its token array needs ("
+        << need << "). HINT: the file is truncated; re-run `nha prepare`";
+    void* p = ::mmap(nullptr, map_bytes_, PROT_READ, MAP_SHARED, fd_, 0);
     NHA_CHECK(p != MAP_FAILED) << "mmap of '" << path << "' failed: " << std::strerror(errno)
                                << ". HINT: check the address-space limit (ulimit -v)";
     map_ = p;
@@ -238,12 +278,26 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
 
 TokenShard::~TokenShard() {
   if (map_) ::munmap(map_, map_bytes_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+// Reading a mapped page past the end of a file truncated under us raises SIGBUS: look first (one
+// fstat per window). `nha prepare` replaces shards by rename, which leaves our open file as it was.
+void TokenShard::check_unchanged() const {
+  struct stat st {};
+  NHA_CHECK(::fstat(fd_, &st) == 0) << "cannot stat '" << path_ << "': " << std::strerror(errno);
+  const int64_t mtime_ns = int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  NHA_CHECK(size_t(st.st_size) == map_bytes_ && mtime_ns == mtime_ns_)
+      << "'" << path_ << "' was changed while in use (" << map_bytes_ << " bytes when opened, "
+      << st.st_size << " now). HINT: never rewrite or truncate shards under a running job; write "
+      << "new shards to another directory with `nha prepare --out NEW`";
 }
 
 void TokenShard::copy(int64_t start, int64_t n, int32_t* out) const {
   NHA_CHECK(start >= 0 && n >= 0 && start + n <= size())
       << "internal: window [" << start << ", " << start + n << ") outside shard " << path_ << " of "
       << size() << " tokens";
+  if (map_) check_unchanged();
   uint32_t max_id = 0;
   if (meta_.token_bytes == 2) {
     const uint16_t* src = static_cast<const uint16_t*>(tokens_) + start;

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -27,6 +28,10 @@ namespace nha {
 namespace {
 
 // ---- error handling ------------------------------------------------------------------------------
+
+constexpr const char* kDamagedHint =
+    "the checkpoint is damaged; resume from an older one (`nha train --resume` falls back to the "
+    "newest checkpoint that verifies)";
 
 void quiet_hdf5() {
   static bool once = [] {
@@ -149,6 +154,7 @@ class Writer {
     if (!parent.empty()) fs::create_directories(parent);
     tmp_ = temp_path_for(path_);
     Handle fcpl = no_times_plist(H5P_FILE_CREATE, tmp_);
+    H5_CHECK(H5Pset_userblock(fcpl, hsize_t(kSealBytes)), tmp_);  // for seal_file (core/fileio.h)
     file_ = Handle(H5_CHECK(H5Fcreate(tmp_.c_str(), H5F_ACC_TRUNC, fcpl, H5P_DEFAULT), tmp_),
                    H5Fclose);
   }
@@ -250,10 +256,11 @@ class Writer {
     if (n > 0) H5_CHECK(H5Awrite(a, type, ptrs.data()), tmp_);
   }
 
-  // Flush, close (checked), fsync, rename to the final name.
+  // Flush, close (checked), seal, fsync, rename to the final name.
   void commit() {
     H5_CHECK(H5Fflush(file_, H5F_SCOPE_GLOBAL), tmp_);
     H5_CHECK(H5Fclose(file_.release()), tmp_);
+    seal_file(tmp_);
     const int fd = ::open(tmp_.c_str(), O_RDONLY);
     NHA_CHECK(fd >= 0 && ::fsync(fd) == 0)
         << "cannot sync '" << tmp_ << "': " << std::strerror(errno) << ". HINT: is the disk full?";
@@ -287,6 +294,7 @@ class Reader {
     quiet_hdf5();
     NHA_CHECK(fs::exists(path_)) << "checkpoint '" << path_ << "' does not exist. HINT: checkpoints "
                                  << "are CKPT_DIR/step_NNNNNNNN.h5; `ls` the run's checkpoints/";
+    check_seal(path_, kDamagedHint);
     file_ = Handle(H5_CHECK(H5Fopen(path_.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), path_), H5Fclose);
   }
   hid_t file() const { return file_; }
@@ -327,16 +335,31 @@ class Reader {
     return Shape(dims.begin(), dims.end());
   }
 
-  // Dataset as an f32 CPU tensor (HDF5 converts f32/bf16/f64 file types).
+  // Dataset as an f32 CPU tensor (HDF5 converts f32/bf16/f64 file types); every value finite.
   Tensor tensor(hid_t parent, const std::string& name) const {
     Shape sh = shape(parent, name);
     Handle ds(H5_CHECK(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), path_), H5Dclose);
     Handle type(H5_CHECK(H5Dget_type(ds), path_), H5Tclose);
     NHA_CHECK(H5_CHECK(H5Tget_class(type), path_) == H5T_FLOAT)
-        << "'" << path_ << "': dataset '" << name << "' is not floating point";
-    std::vector<float> values(size_t(numel_of(sh)));
+        << "'" << path_ << "': dataset '" << name << "' is not floating point. HINT: "
+        << kDamagedHint;
+    // A damaged shape must not turn into a huge allocation: the values must fit in the file.
+    const int64_t file_bytes = int64_t(fs::file_size(path_));
+    int64_t numel = 1;
+    for (int64_t d : sh) {
+      NHA_CHECK(d >= 0 && (d == 0 || numel <= file_bytes / d))
+          << "'" << path_ << "': dataset '" << name << "' has shape " << shape_str(sh)
+          << ", more values than the file holds. HINT: " << kDamagedHint;
+      numel *= d;
+    }
+    std::vector<float> values(static_cast<size_t>(numel));
     if (!values.empty())
       H5_CHECK(H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()), path_);
+    const auto bad = std::find_if(values.begin(), values.end(), [](float v) { return !std::isfinite(v); });
+    NHA_CHECK(bad == values.end())
+        << "'" << path_ << "': dataset '" << name << "' holds " << *bad << " at index "
+        << bad - values.begin() << " (training never stores a non-finite value). HINT: "
+        << kDamagedHint;
     return Tensor::from_vector(values, sh);
   }
 
@@ -395,6 +418,23 @@ class Reader {
   Handle file_;
 };
 
+// Counters a resume trusts (a negative step would give a negative LR and drop metrics records).
+void check_state(const TrainState& s, const std::string& path) {
+  auto fail_unless = [&](bool ok, const char* what, double v) {
+    NHA_CHECK(ok) << "'" << path << "': attribute " << what << " = " << v
+                  << " is out of range. HINT: " << kDamagedHint;
+  };
+  fail_unless(s.step >= 0, "step", double(s.step));
+  fail_unless(s.tokens_seen >= 0, "tokens_seen", double(s.tokens_seen));
+  fail_unless(s.optim_step >= 0 && s.optim_step <= s.step, "optim_step (<= step)",
+              double(s.optim_step));
+  fail_unless(std::isfinite(s.loss_ema) && s.loss_ema >= 0, "loss_ema", s.loss_ema);
+  fail_unless(s.loss_ema_count >= 0 && s.loss_ema_count <= s.step, "loss_ema_count",
+              double(s.loss_ema_count));
+  fail_unless(s.bad_steps_in_row >= 0 && s.bad_steps_in_row <= s.step, "bad_steps_in_row",
+              double(s.bad_steps_in_row));
+}
+
 // strict: a training checkpoint is required (resume); otherwise an export file gives its step,
 // tokens_seen and config (the rest stays zero/empty).
 TrainState read_state(const Reader& r, bool strict) {
@@ -421,6 +461,7 @@ TrainState read_state(const Reader& r, bool strict) {
   s.bad_steps_in_row = r.attr<int64_t>(r.file(), "bad_steps_in_row");
   s.loader_state = r.string_dataset(r.file(), "loader_state");
   s.config_yaml = r.string_dataset(r.file(), "config");
+  check_state(s, r.path());
   return s;
 }
 
@@ -519,7 +560,13 @@ TrainState load_checkpoint(const std::string& path, const std::vector<NamedParam
       NHA_CHECK(r.exists(gm, name) && r.exists(gv, name))
           << "'" << path << "' has no optimizer state for '" << name << "'";
       copy_into(opt->m(i), r.tensor(gm, name), "optim/m/" + name, path);
-      copy_into(opt->v(i), r.tensor(gv, name), "optim/v/" + name, path);
+      const Tensor v = r.tensor(gv, name);
+      // A negative second moment would make sqrt(v) NaN in the next update.
+      const std::vector<float> vs = v.to_vector<float>();
+      NHA_CHECK(std::none_of(vs.begin(), vs.end(), [](float x) { return x < 0; }))
+          << "'" << path << "': optim/v/" << name << " holds a negative value. HINT: "
+          << kDamagedHint;
+      copy_into(opt->v(i), v, "optim/v/" + name, path);
     }
     opt->set_step_count(s.optim_step);
   }

@@ -212,6 +212,10 @@ TEST_F(CheckpointTest, MismatchesAreExplained) {
   }
   EXPECT_THROW(read_train_state(dir_ + "/missing.h5"), Error);
   { std::ofstream(dir_ + "/garbage.h5") << "not hdf5"; }
+  testing::expect_error([&] { read_train_state(dir_ + "/garbage.h5"); },
+                        {"garbage.h5", "neither an integrity seal nor the HDF5 signature", "HINT"});
+  // Unsealed files (written before seals) go to HDF5 as they are; its errors name the call.
+  { std::ofstream(dir_ + "/garbage.h5") << "\x89HDF\r\n\x1a\nnot hdf5"; }
   try {
     read_train_state(dir_ + "/garbage.h5");
     ADD_FAILURE() << "garbage accepted";
