@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "apps/cli_checks.h"
 #include "eval/generate.h"
 #include "eval/runner.h"
 #include "train/trainer.h"
@@ -96,6 +97,7 @@ void register_generate_commands(CLI::App& app) {
   c->add_option("--prompt", a->prompts, "prompt text (repeatable)");
   c->add_option("--prompt-file", a->prompt_file, "file with one prompt per line");
   c->add_option("--max-new-tokens", a->sampling.max_new_tokens, "new tokens per prompt at most")
+      ->check(kNonNegative)
       ->capture_default_str();
   c->add_option("--temperature", a->sampling.temperature, "0 = greedy; > 0 samples")
       ->capture_default_str();

@@ -6,6 +6,7 @@
 #include <iostream>
 #include <memory>
 
+#include "apps/cli_checks.h"
 #include "core/error.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
@@ -45,6 +46,7 @@ void register_train_commands(CLI::App& app) {
     c->add_flag("--quiet", *quiet, "no progress lines (metrics.jsonl is still written)");
     c->add_option("--gpus", *gpus,
                   "data parallel on N GPUs of this machine: starts N processes (docs/distributed.md)")
+        ->check(kPositive)
         ->capture_default_str();
     c->callback([=] {
       RunConfig cfg = load_config(*config, *sets);

@@ -236,6 +236,18 @@ TEST_F(EvalTasks, BadInputsNameTheFileAndField) {
   testing::expect_error(
       [&] { run_task(resolve_task(bad + ":multiple_choice", dir_), uniform(), *tokenizer_, {}); },
       {"bad.jsonl", "gold"});
+  // A fractional or negative gold was truncated or wrapped around silently.
+  for (const char* gold : {"1.7", "-1"}) {
+    const std::string frac = write("frac.jsonl", std::string(R"({"query": "q", "choices": ["a", "b"], "gold": )") +
+                                                     gold + "}\n");
+    testing::expect_error(
+        [&] { run_task(resolve_task(frac + ":multiple_choice", dir_), uniform(), *tokenizer_, {}); },
+        {"frac.jsonl", "row 1", "'gold'", gold, "HINT"});
+  }
+  const std::string empty = write("empty.jsonl", R"({"context": "", "answer": "x"})" "\n");
+  testing::expect_error(
+      [&] { run_task(resolve_task(empty + ":contains", dir_), uniform(), *tokenizer_, {}); },
+      {"empty.jsonl", "row 1", "'context' is empty", "HINT"});
   testing::expect_error([&] { resolve_task("no_such_task", dir_); }, {"no_such_task", "HINT"});
   testing::expect_error(
       [&] { run_task(resolve_task("piqa", dir_ + "/missing"), uniform(), *tokenizer_, {}); },
