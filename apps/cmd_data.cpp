@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "apps/cli_checks.h"
+#include "apps/cli.h"
 #include "core/error.h"
 #include "data/loader.h"
 #include "data/mqar.h"

@@ -13,7 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "apps/cli_checks.h"
+#include "apps/cli.h"
 #include "core/fileio.h"
 #include "eval/runner.h"
 #include "train/trainer.h"
@@ -45,7 +45,7 @@ void run_eval(const EvalArgs& a) {
   for (const std::string& t : split_commas(a.tasks))
     needs_text = needs_text || eval::resolve_task(t, a.data_dir).schema != eval::Schema::Mqar;
   const data::Tokenizer tok = needs_text
-      ? data::Tokenizer::load(eval::find_tokenizer(m.config, a.tokenizer))
+      ? eval::load_tokenizer(m.config, a.tokenizer)
       : data::Tokenizer();
   eval::EvalOptions o;
   o.score.device = m.device;

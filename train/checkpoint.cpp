@@ -7,7 +7,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
+#include <charconv>
+#include <csignal>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -590,6 +591,10 @@ void export_parameters(const std::string& checkpoint_path, const std::string& ou
                        DType dtype) {
   NHA_CHECK(dtype == DType::F32 || dtype == DType::BF16)
       << "export dtype must be fp32 or bf16, got " << dtype_name(dtype);
+  std::error_code ec;
+  NHA_CHECK(!fs::equivalent(checkpoint_path, out_path, ec))
+      << "the export file '" << out_path << "' is the checkpoint being exported ('"
+      << checkpoint_path << "'): it would be replaced. HINT: choose another --out, e.g. model.h5";
   std::vector<NamedParameter> params;
   std::vector<std::string> order;
   std::string config;
@@ -631,11 +636,33 @@ std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string&
     if (name.size() < 9 || name.rfind("step_", 0) != 0 || name.substr(name.size() - 3) != ".h5")
       continue;
     const std::string digits = name.substr(5, name.size() - 8);
-    if (digits.empty() || !std::all_of(digits.begin(), digits.end(), ::isdigit)) continue;
-    out.emplace_back(std::stoll(digits), entry.path().string());
+    int64_t step = -1;
+    const auto [end, err] = std::from_chars(digits.data(), digits.data() + digits.size(), step);
+    // Not ours (we never write a step beyond int64): ignored like any other foreign file.
+    if (digits.empty() || err != std::errc() || end != digits.data() + digits.size()) continue;
+    out.emplace_back(step, entry.path().string());
   }
   std::sort(out.begin(), out.end());
   return out;
+}
+
+std::vector<std::string> remove_stale_temp_files(const std::string& dir) {
+  std::vector<std::string> removed;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return removed;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    const size_t tmp = name.find(".h5.tmp.");
+    if (name.rfind("step_", 0) != 0 || tmp == std::string::npos) continue;
+    long pid = 0;
+    const char* first = name.c_str() + tmp + 8;
+    const auto [end, err] = std::from_chars(first, name.c_str() + name.size(), pid);
+    if (err != std::errc() || *end != '\0' || pid <= 0) continue;
+    // kill(pid, 0) probes without signalling: ESRCH = no such process, so nobody writes it.
+    if (::kill(pid_t(pid), 0) == 0 || errno != ESRCH) continue;
+    if (fs::remove(entry.path(), ec)) removed.push_back(entry.path().string());
+  }
+  return removed;
 }
 
 std::string latest_checkpoint(const std::string& dir) {

@@ -74,6 +74,9 @@ void export_parameters(const std::string& checkpoint_path, const std::string& ou
 // Checkpoints of a directory: (step, path) sorted by step; only complete files named
 // step_<digits>.h5 count (temp files never do).
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& dir);
+// Deletes the temp files (step_*.h5.tmp.<pid>) that processes no longer running left in `dir`
+// (killed while writing); returns their paths.
+std::vector<std::string> remove_stale_temp_files(const std::string& dir);
 // The newest checkpoint of `dir`, or "" when there is none.
 std::string latest_checkpoint(const std::string& dir);
 // The checkpoint a user means by `run_or_ckpt`: the file itself, or the newest checkpoint of a

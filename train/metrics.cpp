@@ -9,6 +9,7 @@
 
 #include "core/allocator.h"
 #include "core/error.h"
+#include "core/fileio.h"
 
 namespace nha {
 
@@ -103,8 +104,9 @@ void MetricsLog::open(const std::string& path, int64_t truncate_after_step) {
         keep.push_back(line);
       }
     }
-    std::ofstream rewrite(path, std::ios::trunc);
-    for (const std::string& l : keep) rewrite << l << "\n";
+    std::string kept;
+    for (const std::string& l : keep) kept += l + "\n";
+    write_file_atomic(path, kept);  // a crash now must not lose the records kept
   }
   out_.open(path, std::ios::app);
   NHA_CHECK(out_.good()) << "cannot open '" << path << "' for writing. HINT: check that the run "

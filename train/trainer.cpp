@@ -191,6 +191,9 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
                                                     std::numeric_limits<int64_t>::max());
 
   // Resume or start fresh.
+  if (rank_ == 0)
+    for (const std::string& p : remove_stale_temp_files(config_.checkpoint.dir))
+      log_line("removed " + p + " (a checkpoint its writer did not finish)");
   const auto checkpoints = list_checkpoints(config_.checkpoint.dir);
   if (options_.resume) {
     NHA_CHECK(!checkpoints.empty())

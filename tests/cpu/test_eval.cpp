@@ -6,10 +6,12 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "common/testing.h"
 #include "data/tokenizer.h"
 #include "eval/loglik.h"
+#include "eval/runner.h"
 #include "eval/tasks.h"
 
 namespace nha::eval {
@@ -252,6 +254,23 @@ TEST_F(EvalTasks, BadInputsNameTheFileAndField) {
   testing::expect_error(
       [&] { run_task(resolve_task("piqa", dir_ + "/missing"), uniform(), *tokenizer_, {}); },
       {"piqa.jsonl", "HINT"});
+}
+
+// A tokenizer other than the one the training shards were made with is refused (issue 18: the
+// perplexity changed silently).
+TEST_F(EvalTasks, TokenizerMustMatchTheShardsManifest) {
+  RunConfig c;
+  c.data.train = dir_ + "/shards";
+  fs::create_directories(c.data.train);
+  const std::string tok = dir_ + "/tok.model";
+  std::ofstream(c.data.train + "/manifest.json")
+      << nlohmann::json{{"tokenizer", {{"name", tok}, {"hash", tokenizer_->hash_hex()}}}}.dump();
+  EXPECT_EQ(load_tokenizer(c, "").hash_hex(), tokenizer_->hash_hex());
+  EXPECT_EQ(load_tokenizer(c, tok).hash_hex(), tokenizer_->hash_hex());
+  std::ofstream(c.data.train + "/manifest.json")
+      << nlohmann::json{{"tokenizer", {{"name", tok}, {"hash", "fnv1a64:0000000000000000"}}}}.dump();
+  testing::expect_error([&] { load_tokenizer(c, tok); },
+                        {"tok.model", "fnv1a64:0000000000000000", "not the one", "HINT"});
 }
 
 TEST(EvalReport, TableMarkdownJson) {
