@@ -10,7 +10,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <system_error>
 #include <vector>
 
@@ -24,22 +23,55 @@ std::string temp_path_for(const std::string& path) {
   return path + ".tmp." + std::to_string(::getpid());
 }
 
+namespace {
+
+// A file descriptor closed at scope exit.
+struct Fd {
+  int fd;
+  explicit Fd(int f) : fd(f) {}
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+};
+
+// Writes all of `bytes`; the errno of the failure otherwise (a short write is ENOSPC).
+int write_all(int fd, std::string_view bytes) {
+  while (!bytes.empty()) {
+    const ssize_t w = ::write(fd, bytes.data(), bytes.size());
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return w < 0 ? errno : ENOSPC;
+    bytes.remove_prefix(size_t(w));
+  }
+  return 0;
+}
+
+// The temp file, written, synced and closed: every step checked (a full disk may only show at
+// fsync or close). Returns 0 or the errno of the step that failed.
+int write_synced(const std::string& tmp, std::string_view contents) {
+  Fd f(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (f.fd < 0) return errno;
+  if (const int err = write_all(f.fd, contents)) return err;
+  if (::fsync(f.fd) != 0) return errno;
+  const int fd = f.fd;
+  f.fd = -1;
+  return ::close(fd) == 0 ? 0 : errno;
+}
+
+}  // namespace
+
 void write_file_atomic(const std::string& path, std::string_view contents) {
   const fs::path parent = fs::path(path).parent_path();
   if (!parent.empty()) fs::create_directories(parent);
   const std::string tmp = temp_path_for(path);
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    NHA_CHECK(out.good()) << "cannot write '" << tmp << "'. HINT: is the directory writable?";
-    out.write(contents.data(), std::streamsize(contents.size()));
-    out.close();
-    if (!out.good()) {
-      fs::remove(tmp);
-      NHA_FAIL() << "writing '" << tmp << "' failed. HINT: is the disk full?";
-    }
-  }
+  const int err = write_synced(tmp, contents);
   std::error_code ec;
+  if (err != 0) fs::remove(tmp, ec);
+  NHA_CHECK(err == 0) << "writing '" << tmp << "' failed: " << std::strerror(err) << "; '" << path
+                      << "' was left as it was. HINT: is the disk full or the directory read-only?";
   fs::rename(tmp, path, ec);
+  if (ec) fs::remove(tmp);
   NHA_CHECK(!ec) << "cannot rename '" << tmp << "' to '" << path << "': " << ec.message();
 }
 
@@ -67,17 +99,6 @@ uint32_t load32(const unsigned char* p) {
 }
 uint64_t xxh_round(uint64_t acc, uint64_t input) { return rotl(acc + input * kP2, 31) * kP1; }
 uint64_t xxh_merge(uint64_t acc, uint64_t v) { return (acc ^ xxh_round(0, v)) * kP1 + kP4; }
-
-// A file descriptor closed at scope exit.
-struct Fd {
-  int fd;
-  explicit Fd(int f) : fd(f) {}
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-};
 
 // Reads exactly n bytes at `offset`; false on a short read or an error.
 bool pread_all(int fd, void* buf, size_t n, int64_t offset) {
@@ -146,20 +167,18 @@ uint64_t xxh64(const void* data, size_t n, uint64_t seed) {
   return h;
 }
 
-void seal_file(const std::string& path) {
-  Fd f(::open(path.c_str(), O_RDWR));
-  NHA_CHECK(f.fd >= 0) << "cannot open '" << path << "' to seal it: " << std::strerror(errno);
-  const int64_t size = int64_t(::lseek(f.fd, 0, SEEK_END));
-  unsigned char head[8] = {};
-  NHA_CHECK(size >= kSealBytes + 8 && pread_all(f.fd, head, 8, kSealBytes) &&
-            std::memcmp(head, kHdf5Signature, 8) == 0)
-      << "internal: '" << path << "' has no " << kSealBytes << "-byte user block to seal";
+void seal_image(std::string& image) {
+  NHA_CHECK(image.size() >= size_t(kSealBytes) + 8 &&
+            std::memcmp(image.data() + kSealBytes, kHdf5Signature, 8) == 0)
+      << "internal: the HDF5 image has no " << kSealBytes << "-byte user block to seal";
+  const auto* data = reinterpret_cast<const unsigned char*>(image.data()) + kSealBytes;
+  const size_t n = image.size() - size_t(kSealBytes);
+  uint64_t h = 0;
+  for (size_t done = 0; done < n; done += kSealBlock)
+    h = xxh64(data + done, std::min(kSealBlock, n - done), h);
   char seal[kSealBytes] = {};
-  std::snprintf(seal, sizeof(seal), "%sxxh64=%016" PRIx64 " bytes=%" PRId64 "\n", kSealMagic,
-                hash_after_seal(f.fd, size - kSealBytes, path), size - kSealBytes);
-  NHA_CHECK(::pwrite(f.fd, seal, sizeof(seal), 0) == ssize_t(sizeof(seal)))
-      << "cannot write the seal of '" << path << "': " << std::strerror(errno)
-      << ". HINT: is the disk full?";
+  std::snprintf(seal, sizeof(seal), "%sxxh64=%016" PRIx64 " bytes=%zu\n", kSealMagic, h, n);
+  std::memcpy(image.data(), seal, sizeof(seal));
 }
 
 bool check_seal(const std::string& path, const std::string& hint) {

@@ -9,8 +9,9 @@
 
 namespace nha {
 
-// Writes `contents` to `path` atomically (temp name + rename), creating parent directories.
-// Fails with a message naming the path when the write or the rename fails.
+// Writes `contents` to `path` atomically (temp name, fsync, rename), creating parent directories.
+// Every write is checked (a full disk); on failure the temp file is removed, `path` keeps what it
+// held, and the error names the path.
 void write_file_atomic(const std::string& path, std::string_view contents);
 
 // The temporary name write_file_atomic uses for `path` (for writers that stream, e.g. HDF5).
@@ -18,7 +19,7 @@ std::string temp_path_for(const std::string& path);
 
 // ---- integrity seals ----------------------------------------------------------------------------
 // HDF5 files we write (checkpoints, export files, token shards) start with a 512-byte HDF5 user
-// block, which HDF5 and h5py skip. seal_file() writes into it a checksum of every byte after it:
+// block, which HDF5 and h5py skip. seal_image() writes into it a checksum of every byte after it:
 //   "nha-seal-v1 xxh64=<16 hex digits> bytes=<N>\n" (zero padded)
 // where the checksum is XXH64 chained over 1 MiB blocks (block k hashed with block k-1's hash as
 // seed, the first with seed 0). check_seal() verifies it before HDF5 parses the file: HDF5 1.10
@@ -29,8 +30,9 @@ inline constexpr int64_t kSealBytes = 512;
 // XXH64 of `n` bytes (the reference algorithm by Yann Collet).
 uint64_t xxh64(const void* data, size_t n, uint64_t seed);
 
-// Writes the seal of a closed file that was created with a kSealBytes user block.
-void seal_file(const std::string& path);
+// Writes the seal into the user block of a whole file's bytes (an HDF5 file image made with a
+// kSealBytes user block), before the image is written with write_file_atomic.
+void seal_image(std::string& image);
 
 // true: the seal matched. false: the file has no seal (written before seals existed; its first
 // bytes are the HDF5 signature) or hashing is skipped. Throws an Error naming the file and ending

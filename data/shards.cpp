@@ -129,14 +129,17 @@ ShardMeta read_meta(const H5::H5File& f) {
   return m;
 }
 
-// The HDF5 part of write_shard; every object of the file is closed when it returns.
-void write_hdf5_shard(const std::string& tmp, const std::vector<uint32_t>& tokens,
-                      const std::vector<uint64_t>& doc_offsets, const ShardMeta& meta) {
+// The shard's HDF5 file built in memory (core driver, no backing store): its bytes, which
+// write_shard seals and writes with checked writes (HDF5 never writes to disk itself).
+std::string shard_image(const std::string& path, const std::vector<uint32_t>& tokens,
+                        const std::vector<uint64_t>& doc_offsets, const ShardMeta& meta) {
   // No modification times in object headers: the same tokens give byte-identical files.
   H5::FileCreatPropList fcpl;
   H5Pset_obj_track_times(fcpl.getId(), false);
   fcpl.setUserblock(hsize_t(kSealBytes));  // room for the integrity seal (core/fileio.h)
-  H5::H5File f(tmp, H5F_ACC_TRUNC, fcpl);
+  H5::FileAccPropList fapl;
+  fapl.setCore(size_t(64) << 20, false);
+  H5::H5File f(path, H5F_ACC_TRUNC, fcpl, fapl);
   hsize_t n = tokens.size();
   H5::DataSpace space(1, &n);
   // Contiguous and unfiltered (the default layout): the loader maps the bytes directly.
@@ -161,10 +164,16 @@ void write_hdf5_shard(const std::string& tmp, const std::vector<uint32_t>& token
   write_attr(f, "num_documents", meta.num_documents);
   write_attr(f, "num_tokens", meta.num_tokens);
   write_attr(f, "sources", meta.sources);
-  // Closed here, not by destructors, which would swallow a failed write (a full disk).
   ds.close();
   offs.close();
-  f.close();
+  f.flush(H5F_SCOPE_GLOBAL);
+  // HDF5's image starts at the superblock: the user block goes in front of it.
+  const ssize_t size = H5Fget_file_image(f.getId(), nullptr, 0);
+  NHA_CHECK(size > 0) << "internal: no HDF5 file image of shard '" << path << "'";
+  std::string image(size_t(kSealBytes + size), '\0');
+  NHA_CHECK(H5Fget_file_image(f.getId(), image.data() + kSealBytes, size_t(size)) == size)
+      << "internal: cannot copy the HDF5 file image of shard '" << path << "'";
+  return image;
 }
 
 }  // namespace
@@ -177,23 +186,14 @@ void write_shard(const std::string& path, const std::vector<uint32_t>& tokens,
   NHA_CHECK(meta.token_bytes == 2 || meta.token_bytes == 4) << "token_bytes " << meta.token_bytes;
   meta.num_tokens = int64_t(tokens.size());
   meta.num_documents = int64_t(doc_offsets.size()) - 1;
-  const std::string tmp = temp_path_for(path);
+  std::string image;
   try {
-    write_hdf5_shard(tmp, tokens, doc_offsets, meta);
-    seal_file(tmp);  // after every HDF5 object of the file is closed
+    image = shard_image(path, tokens, doc_offsets, meta);
   } catch (const H5::Exception& e) {
-    std::error_code ec;
-    fs::remove(tmp, ec);
-    hdf5_fail(tmp, "writing", e);
-  } catch (const Error&) {
-    std::error_code ec;
-    fs::remove(tmp, ec);
-    throw;
+    hdf5_fail(path, "writing", e);
   }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  NHA_CHECK(!ec) << "cannot rename '" << tmp << "' to '" << path << "': " << ec.message()
-                 << ". HINT: check the output directory's permissions";
+  seal_image(image);
+  write_file_atomic(path, image);  // temp name, checked writes, fsync, rename
 }
 
 ShardMeta read_shard_meta(const std::string& path) {

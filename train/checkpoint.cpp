@@ -2,7 +2,6 @@
 // and docs/checkpoint.md).
 #include "train/checkpoint.h"
 
-#include <fcntl.h>
 #include <hdf5.h>
 #include <unistd.h>
 
@@ -149,29 +148,23 @@ Handle no_times_plist(hid_t cls, const std::string& file) {
 
 class Writer {
  public:
+  // The file is built in memory (HDF5's core driver without a backing store) and written by
+  // commit() with checked writes: HDF5 itself never writes to disk, so a full disk cannot fail
+  // inside HDF5's close, which then left the file open and crashed at exit (H5F__close_cb).
   explicit Writer(std::string final_path) : path_(std::move(final_path)) {
     quiet_hdf5();
-    const fs::path parent = fs::path(path_).parent_path();
-    if (!parent.empty()) fs::create_directories(parent);
-    tmp_ = temp_path_for(path_);
-    Handle fcpl = no_times_plist(H5P_FILE_CREATE, tmp_);
-    H5_CHECK(H5Pset_userblock(fcpl, hsize_t(kSealBytes)), tmp_);  // for seal_file (core/fileio.h)
-    file_ = Handle(H5_CHECK(H5Fcreate(tmp_.c_str(), H5F_ACC_TRUNC, fcpl, H5P_DEFAULT), tmp_),
-                   H5Fclose);
-  }
-  ~Writer() {
-    if (!committed_) {  // an error on the way: leave nothing behind
-      file_.reset();
-      std::error_code ec;
-      fs::remove(tmp_, ec);
-    }
+    Handle fcpl = no_times_plist(H5P_FILE_CREATE, path_);
+    H5_CHECK(H5Pset_userblock(fcpl, hsize_t(kSealBytes)), path_);  // for seal_image (core/fileio.h)
+    Handle fapl(H5_CHECK(H5Pcreate(H5P_FILE_ACCESS), path_), H5Pclose);
+    H5_CHECK(H5Pset_fapl_core(fapl, size_t(64) << 20, false), path_);
+    file_ = Handle(H5_CHECK(H5Fcreate(path_.c_str(), H5F_ACC_TRUNC, fcpl, fapl), path_), H5Fclose);
   }
 
   hid_t file() const { return file_; }
 
   Handle group(hid_t parent, const std::string& name) {
-    Handle gcpl = no_times_plist(H5P_GROUP_CREATE, tmp_);
-    return Handle(H5_CHECK(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, gcpl, H5P_DEFAULT), tmp_),
+    Handle gcpl = no_times_plist(H5P_GROUP_CREATE, path_);
+    return Handle(H5_CHECK(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, gcpl, H5P_DEFAULT), path_),
                   H5Gclose);
   }
 
@@ -179,42 +172,42 @@ class Writer {
   void tensor(hid_t parent, const std::string& name, const Tensor& t, DType dtype) {
     count_dataset_for_testing();
     std::vector<hsize_t> dims(t.shape().begin(), t.shape().end());
-    Handle space(dims.empty() ? H5_CHECK(H5Screate(H5S_SCALAR), tmp_)
+    Handle space(dims.empty() ? H5_CHECK(H5Screate(H5S_SCALAR), path_)
                               : H5_CHECK(H5Screate_simple(int(dims.size()), dims.data(), nullptr),
-                                         tmp_),
+                                         path_),
                  H5Sclose);
-    Handle dcpl = no_times_plist(H5P_DATASET_CREATE, tmp_);
+    Handle dcpl = no_times_plist(H5P_DATASET_CREATE, path_);
     std::vector<float> values = t.detach().to_vector<float>();
     if (dtype == DType::BF16) {
-      Handle type = bf16_type(tmp_);
+      Handle type = bf16_type(path_);
       std::vector<uint16_t> bits(values.size());
       for (size_t i = 0; i < values.size(); ++i) {
         bits[i] = bf16::round_from_float(values[i]);  // nearest even, as Tensor::to(BF16)
       }
       Handle ds(H5_CHECK(H5Dcreate2(parent, name.c_str(), type, space, H5P_DEFAULT, dcpl,
-                                    H5P_DEFAULT), tmp_),
+                                    H5P_DEFAULT), path_),
                 H5Dclose);
-      H5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, bits.data()), tmp_);
+      H5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, bits.data()), path_);
     } else {
       NHA_CHECK(dtype == DType::F32) << "checkpoint tensors are f32 or bf16, not "
                                      << dtype_name(dtype);
       Handle ds(H5_CHECK(H5Dcreate2(parent, name.c_str(), H5T_IEEE_F32LE, space, H5P_DEFAULT,
-                                    dcpl, H5P_DEFAULT), tmp_),
+                                    dcpl, H5P_DEFAULT), path_),
                 H5Dclose);
-      H5_CHECK(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()), tmp_);
+      H5_CHECK(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()), path_);
     }
   }
 
   void string_dataset(hid_t parent, const std::string& name, const std::string& value) {
     count_dataset_for_testing();
-    Handle type = vlen_string_type(tmp_);
-    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), tmp_), H5Sclose);
-    Handle dcpl = no_times_plist(H5P_DATASET_CREATE, tmp_);
+    Handle type = vlen_string_type(path_);
+    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), path_), H5Sclose);
+    Handle dcpl = no_times_plist(H5P_DATASET_CREATE, path_);
     Handle ds(H5_CHECK(H5Dcreate2(parent, name.c_str(), type, space, H5P_DEFAULT, dcpl,
-                                  H5P_DEFAULT), tmp_),
+                                  H5P_DEFAULT), path_),
               H5Dclose);
     const char* p = value.c_str();
-    H5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, &p), tmp_);
+    H5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, &p), path_);
   }
 
   template <typename T>
@@ -231,49 +224,47 @@ class Writer {
       file_type = H5T_STD_I64LE;
       mem_type = H5T_NATIVE_INT64;
     }
-    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), tmp_), H5Sclose);
-    Handle a(H5_CHECK(H5Acreate2(obj, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT), tmp_),
+    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), path_), H5Sclose);
+    Handle a(H5_CHECK(H5Acreate2(obj, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT), path_),
              H5Aclose);
-    H5_CHECK(H5Awrite(a, mem_type, &value), tmp_);
+    H5_CHECK(H5Awrite(a, mem_type, &value), path_);
   }
 
   void attr(hid_t obj, const char* name, const std::string& value) {
-    Handle type = vlen_string_type(tmp_);
-    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), tmp_), H5Sclose);
-    Handle a(H5_CHECK(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), tmp_),
+    Handle type = vlen_string_type(path_);
+    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), path_), H5Sclose);
+    Handle a(H5_CHECK(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), path_),
              H5Aclose);
     const char* p = value.c_str();
-    H5_CHECK(H5Awrite(a, type, &p), tmp_);
+    H5_CHECK(H5Awrite(a, type, &p), path_);
   }
 
   void attr(hid_t obj, const char* name, const std::vector<std::string>& values) {
-    Handle type = vlen_string_type(tmp_);
+    Handle type = vlen_string_type(path_);
     hsize_t n = values.size();
-    Handle space(H5_CHECK(H5Screate_simple(1, &n, nullptr), tmp_), H5Sclose);
-    Handle a(H5_CHECK(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), tmp_),
+    Handle space(H5_CHECK(H5Screate_simple(1, &n, nullptr), path_), H5Sclose);
+    Handle a(H5_CHECK(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), path_),
              H5Aclose);
     std::vector<const char*> ptrs;
     for (const std::string& s : values) ptrs.push_back(s.c_str());
-    if (n > 0) H5_CHECK(H5Awrite(a, type, ptrs.data()), tmp_);
+    if (n > 0) H5_CHECK(H5Awrite(a, type, ptrs.data()), path_);
   }
 
-  // Flush, close (checked), seal, fsync, rename to the final name.
+  // The file's bytes from memory, sealed, then written atomically (temp name, fsync, rename).
   void commit() {
-    H5_CHECK(H5Fflush(file_, H5F_SCOPE_GLOBAL), tmp_);
-    H5_CHECK(H5Fclose(file_.release()), tmp_);
-    seal_file(tmp_);
-    const int fd = ::open(tmp_.c_str(), O_RDONLY);
-    NHA_CHECK(fd >= 0 && ::fsync(fd) == 0)
-        << "cannot sync '" << tmp_ << "': " << std::strerror(errno) << ". HINT: is the disk full?";
-    ::close(fd);
-    fs::rename(tmp_, path_);
-    committed_ = true;
+    H5_CHECK(H5Fflush(file_, H5F_SCOPE_GLOBAL), path_);
+    // HDF5's image starts at the superblock: the user block goes in front of it.
+    const ssize_t size = H5_CHECK(H5Fget_file_image(file_, nullptr, 0), path_);
+    std::string image(size_t(kSealBytes + size), '\0');
+    H5_CHECK(H5Fget_file_image(file_, image.data() + kSealBytes, size_t(size)), path_);
+    H5_CHECK(H5Fclose(file_.release()), path_);
+    seal_image(image);
+    write_file_atomic(path_, image);
   }
 
  private:
-  std::string path_, tmp_;
+  std::string path_;
   Handle file_;
-  bool committed_ = false;
 };
 
 void write_state_attrs(Writer& w, const TrainState& s) {

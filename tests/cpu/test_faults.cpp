@@ -2,11 +2,17 @@
 // global heap's string lengths, data) or cut short end in an nha::Error naming the file, never a
 // crash; values a file may hold but training never writes (a negative step, NaN weights, a
 // negative Adam v) are refused; a shard truncated under an open reader is reported.
+#include <sys/resource.h>
 #include <unistd.h>
+
+#include <algorithm>
+#include <csignal>
 
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "common/testing.h"
 #include "autograd/node.h"
@@ -14,6 +20,7 @@
 #include "data/shards.h"
 #include "layers/transformer.h"
 #include "train/checkpoint.h"
+#include "train/metrics.h"
 #include "train/optim.h"
 
 namespace fs = std::filesystem;
@@ -259,6 +266,70 @@ TEST_F(FaultTest, UnsealedFilesStillLoad) {
   EXPECT_EQ(read_train_state(dir_ + "/step_00000005.h5").step, 5);
   auto pa = read_parameters(ckpt), pb = read_parameters(dir_ + "/step_00000005.h5");
   for (auto& [name, v] : pa) EXPECT_EQ(v.to_vector<float>(), pb.at(name).to_vector<float>()) << name;
+}
+
+// A full disk, simulated in-process by the file-size limit: writes past it fail (EFBIG, or a
+// short write at the limit) once SIGXFSZ is ignored.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes) {
+    old_handler_ = std::signal(SIGXFSZ, SIG_IGN);
+    ::getrlimit(RLIMIT_FSIZE, &old_);
+    rlimit lim = old_;
+    lim.rlim_cur = bytes;
+    ::setrlimit(RLIMIT_FSIZE, &lim);
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &old_);
+    std::signal(SIGXFSZ, old_handler_);
+  }
+
+ private:
+  rlimit old_{};
+  void (*old_handler_)(int) = nullptr;
+};
+
+// Every writer reports the failure with the file's name, leaves no file (final or temp) behind,
+// keeps what was there, and the process exits cleanly (HDF5 used to crash at exit after its
+// flush failed: ctest runs this test as its own process, so a crash at exit fails it).
+TEST_F(FaultTest, FullDiskIsReportedAndLosesNothing) {
+  TrainedTiny t;
+  const std::string older = checkpoint_path(dir_, 5), newer = checkpoint_path(dir_, 6);
+  save_checkpoint(older, t.model.named_parameters(), t.opt.get(), t.state(5));
+  const std::string before = testing::read_file(older);
+  const std::string metrics = dir_ + "/metrics.jsonl";
+  MetricsLog log;
+  log.open(metrics);
+  log.write({{"type", "train"}, {"step", 1}});
+  int records = 1;
+  {
+    FileSizeLimit limit(8192);
+    testing::expect_error(
+        [&] { save_checkpoint(newer, t.model.named_parameters(), t.opt.get(), t.state(6)); },
+        {"step_00000006.h5", "disk full"});
+    testing::expect_error([&] { write_file_atomic(older, std::string(20000, 'x')); },
+                          {"step_00000005.h5", "was left as it was"});
+    testing::expect_error([&] { write_test_shard("train_000000.h5"); }, {"train_000000.h5"});
+    try {
+      for (; records < 1000; ++records)
+        log.write({{"type", "train"}, {"step", records + 1}, {"pad", std::string(100, 'p')}});
+      ADD_FAILURE() << "metrics records beyond the size limit were accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("metrics.jsonl"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(testing::read_file(older), before);
+  load_checkpoint(older, t.model.named_parameters(), t.opt.get());
+  std::vector<std::string> left;
+  for (const auto& e : fs::directory_iterator(dir_)) left.push_back(e.path().filename().string());
+  std::sort(left.begin(), left.end());
+  EXPECT_EQ(left, (std::vector<std::string>{"metrics.jsonl", "step_00000005.h5"}));
+  // Only whole records, every one that write() accepted.
+  std::istringstream lines(testing::read_file(metrics));
+  int n = 0;
+  for (std::string line; std::getline(lines, line); ++n)
+    EXPECT_NO_THROW((void)nlohmann::json::parse(line)) << "record " << n << ": " << line;
+  EXPECT_EQ(n, records);
 }
 
 }  // namespace
