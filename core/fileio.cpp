@@ -181,6 +181,20 @@ void seal_image(std::string& image) {
   std::memcpy(image.data(), seal, sizeof(seal));
 }
 
+// ---- per-dataset checksums ---------------------------------------------------------------------
+
+void check_dataset_checksum(const std::string& path, const std::string& dataset, uint64_t stored,
+                            const void* data, size_t n, const std::string& hint) {
+  if (checksums_skipped()) return;
+  const uint64_t got = xxh64(data, n, 0);
+  char got_hex[17], want_hex[17];
+  std::snprintf(got_hex, sizeof(got_hex), "%016" PRIx64, got);
+  std::snprintf(want_hex, sizeof(want_hex), "%016" PRIx64, stored);
+  NHA_CHECK(got == stored) << "'" << path << "': dataset '" << dataset << "' is damaged: its "
+                           << "checksum is " << got_hex << " but it was written with " << want_hex
+                           << ". HINT: " << hint;
+}
+
 bool check_seal(const std::string& path, const std::string& hint) {
   Fd f(::open(path.c_str(), O_RDONLY));
   NHA_CHECK(f.fd >= 0) << "cannot open '" << path << "': " << std::strerror(errno)

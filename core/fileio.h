@@ -34,6 +34,17 @@ uint64_t xxh64(const void* data, size_t n, uint64_t seed);
 // kSealBytes user block), before the image is written with write_file_atomic.
 void seal_image(std::string& image);
 
+// Per-dataset checksums: every dataset we write carries the attribute kChecksumAttr (uint64), the
+// XXH64 (seed 0) of its bytes as stored in the file (little-endian values; a string's bytes), so
+// a damaged dataset is named even where the seal cannot be checked (hashing skipped, a file
+// edited with h5py, which breaks the seal). Verified when present (older files lack it).
+inline constexpr const char* kChecksumAttr = "xxh64";
+
+// Refuses `n` bytes of `dataset` in `path` whose XXH64 differs from `stored`, with `hint`;
+// nothing is checked when hashing is skipped (NHA_SKIP_CHECKSUMS=1).
+void check_dataset_checksum(const std::string& path, const std::string& dataset, uint64_t stored,
+                            const void* data, size_t n, const std::string& hint);
+
 // true: the seal matched. false: the file has no seal (written before seals existed; its first
 // bytes are the HDF5 signature) or hashing is skipped. Throws an Error naming the file and ending
 // with `hint` when the seal does not match, the size differs or the file is neither.

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 
 #include "core/error.h"
 #include "core/fileio.h"
@@ -61,6 +62,22 @@ void write_attr(H5::H5File& f, const char* name, const std::vector<std::string>&
   std::vector<const char*> ptrs;
   for (const std::string& s : v) ptrs.push_back(s.c_str());
   if (n > 0) a.write(st, ptrs.data());
+}
+
+// The per-dataset checksum (core/fileio.h) of the bytes as stored.
+void write_checksum(H5::DataSet& ds, const void* bytes, size_t n) {
+  const uint64_t h = xxh64(bytes, n, 0);
+  H5::Attribute a =
+      ds.createAttribute(kChecksumAttr, H5::PredType::STD_U64LE, H5::DataSpace(H5S_SCALAR));
+  a.write(H5::PredType::NATIVE_UINT64, &h);
+}
+
+// The dataset's stored checksum, or nullopt for shards written before checksums.
+std::optional<uint64_t> read_checksum(const H5::DataSet& ds) {
+  if (!ds.attrExists(kChecksumAttr)) return std::nullopt;
+  uint64_t h = 0;
+  ds.openAttribute(kChecksumAttr).read(H5::PredType::NATIVE_UINT64, &h);
+  return h;
 }
 
 int64_t read_int_attr(const H5::H5File& f, const char* name) {
@@ -150,10 +167,17 @@ std::string shard_image(const std::string& path, const std::vector<uint32_t>& to
   H5Pset_obj_track_times(dcpl.getId(), false);
   H5::DataSet ds = f.createDataSet("tokens", file_type, space, dcpl);
   ds.write(tokens.data(), H5::PredType::NATIVE_UINT32);
+  if (meta.token_bytes == 2) {
+    const std::vector<uint16_t> stored(tokens.begin(), tokens.end());  // as in the file
+    write_checksum(ds, stored.data(), stored.size() * sizeof(uint16_t));
+  } else {
+    write_checksum(ds, tokens.data(), tokens.size() * sizeof(uint32_t));
+  }
   hsize_t nd = doc_offsets.size();
   H5::DataSpace dspace(1, &nd);
   H5::DataSet offs = f.createDataSet("doc_offsets", H5::PredType::STD_U64LE, dspace, dcpl);
   offs.write(doc_offsets.data(), H5::PredType::NATIVE_UINT64);
+  write_checksum(offs, doc_offsets.data(), doc_offsets.size() * sizeof(uint64_t));
   write_attr(f, "format", meta.format);
   write_attr(f, "split", meta.split);
   write_attr(f, "shard_index", meta.shard_index);
@@ -219,9 +243,11 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
   quiet_hdf5();
   meta_ = read_shard_meta(path);
   haddr_t offset = HADDR_UNDEF;
+  std::optional<uint64_t> tokens_checksum;
   try {
     H5::H5File f(path, H5F_ACC_RDONLY);
     H5::DataSet ds = f.openDataSet("tokens");
+    tokens_checksum = read_checksum(ds);
     H5::IntType type = ds.getIntType();
     NHA_CHECK(type.getSign() == H5T_SGN_NONE && (meta_.token_bytes == 2 || meta_.token_bytes == 4))
         << "'" << path << "': /tokens must be uint16 or uint32"
@@ -237,6 +263,9 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
         << kDamagedHint;
     doc_offsets_.resize(size_t(meta_.num_documents + 1));
     offs.read(doc_offsets_.data(), H5::PredType::NATIVE_UINT64);
+    if (const auto h = read_checksum(offs))
+      check_dataset_checksum(path, "/doc_offsets", *h, doc_offsets_.data(),
+                             doc_offsets_.size() * sizeof(uint64_t), kDamagedHint);
     NHA_CHECK(doc_offsets_.front() == 0 && int64_t(doc_offsets_.back()) == meta_.num_tokens &&
               std::is_sorted(doc_offsets_.begin(), doc_offsets_.end()))
         << "'" << path << "': /doc_offsets is not an increasing list from 0 to num_tokens"
@@ -255,31 +284,46 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
   } catch (const H5::Exception& e) {
     hdf5_fail(path, "reading", e);
   }
-  if (offset != HADDR_UNDEF) {
-    // The descriptor stays open: copy() checks through it that the file was not changed in place.
-    fd_ = ::open(path.c_str(), O_RDONLY);
-    NHA_CHECK(fd_ >= 0) << "cannot open '" << path << "': " << std::strerror(errno)
-                        << ". HINT: check permissions";
-    struct stat st {};
-    ::fstat(fd_, &st);
-    map_bytes_ = size_t(st.st_size);
-    mtime_ns_ = int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
-    size_t need = size_t(offset) + size_t(meta_.num_tokens) * size_t(meta_.token_bytes);
-    NHA_CHECK(map_bytes_ >= need)
-        << "'" << path << "' is shorter (" << map_bytes_ << " bytes) than its token array needs ("
-        << need << "). HINT: the file is truncated; re-run `nha prepare`";
-    void* p = ::mmap(nullptr, map_bytes_, PROT_READ, MAP_SHARED, fd_, 0);
-    NHA_CHECK(p != MAP_FAILED) << "mmap of '" << path << "' failed: " << std::strerror(errno)
-                               << ". HINT: check the address-space limit (ulimit -v)";
-    map_ = p;
-    tokens_ = static_cast<const char*>(p) + offset;
+  // A failed check must not leak the mapping or the descriptor (no destructor runs).
+  try {
+    if (offset != HADDR_UNDEF) map_tokens(size_t(offset));
+    if (tokens_checksum)
+      check_dataset_checksum(path, "/tokens", *tokens_checksum, tokens_,
+                             size_t(meta_.num_tokens) * size_t(meta_.token_bytes), kDamagedHint);
+  } catch (...) {
+    release();
+    throw;
   }
 }
 
-TokenShard::~TokenShard() {
+void TokenShard::map_tokens(size_t offset) {
+  // The descriptor stays open: copy() checks through it that the file was not changed in place.
+  fd_ = ::open(path_.c_str(), O_RDONLY);
+  NHA_CHECK(fd_ >= 0) << "cannot open '" << path_ << "': " << std::strerror(errno)
+                      << ". HINT: check permissions";
+  struct stat st {};
+  ::fstat(fd_, &st);
+  map_bytes_ = size_t(st.st_size);
+  mtime_ns_ = int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  size_t need = offset + size_t(meta_.num_tokens) * size_t(meta_.token_bytes);
+  NHA_CHECK(map_bytes_ >= need)
+      << "'" << path_ << "' is shorter (" << map_bytes_ << " bytes) than its token array needs ("
+      << need << "). HINT: the file is truncated; re-run `nha prepare`";
+  void* p = ::mmap(nullptr, map_bytes_, PROT_READ, MAP_SHARED, fd_, 0);
+  NHA_CHECK(p != MAP_FAILED) << "mmap of '" << path_ << "' failed: " << std::strerror(errno)
+                             << ". HINT: check the address-space limit (ulimit -v)";
+  map_ = p;
+  tokens_ = static_cast<const char*>(p) + offset;
+}
+
+void TokenShard::release() {
   if (map_) ::munmap(map_, map_bytes_);
   if (fd_ >= 0) ::close(fd_);
+  map_ = nullptr;
+  fd_ = -1;
 }
+
+TokenShard::~TokenShard() { release(); }
 
 // Reading a mapped page past the end of a file truncated under us raises SIGBUS: look first (one
 // fstat per window). `nha prepare` replaces shards by rename, which leaves our open file as it was.

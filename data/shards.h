@@ -66,7 +66,9 @@ class TokenShard {
   bool mmapped() const { return map_ != nullptr; }
 
  private:
-  void check_unchanged() const;  // the mapped file still has its size and mtime from opening
+  void map_tokens(size_t offset);  // maps the file; tokens_ = its bytes from `offset`
+  void release();                  // unmaps and closes
+  void check_unchanged() const;    // the mapped file still has its size and mtime from opening
 
 
   std::string path_;

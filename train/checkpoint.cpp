@@ -188,6 +188,7 @@ class Writer {
                                     H5P_DEFAULT), path_),
                 H5Dclose);
       H5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, bits.data()), path_);
+      attr(ds, kChecksumAttr, xxh64(bits.data(), bits.size() * sizeof(uint16_t), 0));
     } else {
       NHA_CHECK(dtype == DType::F32) << "checkpoint tensors are f32 or bf16, not "
                                      << dtype_name(dtype);
@@ -195,6 +196,7 @@ class Writer {
                                     dcpl, H5P_DEFAULT), path_),
                 H5Dclose);
       H5_CHECK(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()), path_);
+      attr(ds, kChecksumAttr, xxh64(values.data(), values.size() * sizeof(float), 0));
     }
   }
 
@@ -208,6 +210,7 @@ class Writer {
               H5Dclose);
     const char* p = value.c_str();
     H5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, &p), path_);
+    attr(ds, kChecksumAttr, xxh64(value.data(), value.size(), 0));
   }
 
   template <typename T>
@@ -344,9 +347,17 @@ class Reader {
           << ", more values than the file holds. HINT: " << kDamagedHint;
       numel *= d;
     }
+    // The stored bytes first (the file type as memory type: no conversion) for the checksum,
+    // then HDF5's conversion to float32 in place (exact for f32 and bf16).
+    const size_t stored_size = H5_CHECK(H5Tget_size(type), path_);
+    std::vector<unsigned char> raw(size_t(numel) * std::max(stored_size, sizeof(float)));
+    if (numel > 0) H5_CHECK(H5Dread(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, raw.data()), path_);
+    verify(ds, raw.data(), size_t(numel) * stored_size);
+    if (numel > 0)
+      H5_CHECK(H5Tconvert(type, H5T_NATIVE_FLOAT, size_t(numel), raw.data(), nullptr, H5P_DEFAULT),
+               path_);
     std::vector<float> values(static_cast<size_t>(numel));
-    if (!values.empty())
-      H5_CHECK(H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()), path_);
+    std::memcpy(values.data(), raw.data(), values.size() * sizeof(float));
     const auto bad = std::find_if(values.begin(), values.end(), [](float v) { return !std::isfinite(v); });
     NHA_CHECK(bad == values.end())
         << "'" << path_ << "': dataset '" << name << "' holds " << *bad << " at index "
@@ -364,7 +375,17 @@ class Reader {
     H5_CHECK(H5Dread(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, &p), path_);
     std::string s = p ? p : "";
     if (p) H5free_memory(p);
+    verify(ds, s.data(), s.size());
     return s;
+  }
+
+  // Checks the dataset's kChecksumAttr against its stored bytes (files written before per-dataset
+  // checksums have none).
+  void verify(hid_t ds, const void* bytes, size_t n) const {
+    if (!has_attr(ds, kChecksumAttr)) return;
+    char name[512] = {};
+    H5_CHECK(H5Iget_name(ds, name, sizeof(name)), path_);  // the full path, e.g. /optim/v/...
+    check_dataset_checksum(path_, name, attr<uint64_t>(ds, kChecksumAttr), bytes, n, kDamagedHint);
   }
 
   std::vector<std::string> str_list_attr(hid_t obj, const char* name) const {

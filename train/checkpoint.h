@@ -10,7 +10,8 @@
 // Export files (`nha export`) hold /params only (f32 or bf16) plus the config and attributes.
 //
 // Files carry an integrity seal in a 512-byte user block (core/fileio.h), checked before HDF5 reads
-// them; counters, finiteness and AdamW's v >= 0 are validated on load (docs/checkpoint.md).
+// them, and every dataset an `xxh64` checksum attribute, checked when it is read; counters,
+// finiteness and AdamW's v >= 0 are validated on load (docs/checkpoint.md).
 // Writes go to NAME.tmp.<pid> and are renamed to NAME when complete and closed: a file with a final
 // name is always whole; on any error the temp file is removed. Every HDF5 call is checked and an
 // error names the call, the file and the HDF5 message (file:line of the check).

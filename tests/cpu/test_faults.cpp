@@ -268,6 +268,32 @@ TEST_F(FaultTest, UnsealedFilesStillLoad) {
   for (auto& [name, v] : pa) EXPECT_EQ(v.to_vector<float>(), pb.at(name).to_vector<float>()) << name;
 }
 
+// Per-dataset checksums travel with the datasets into files without a seal (here: the user block
+// dropped, as a repack would) and name the dataset whose bytes changed.
+TEST_F(FaultTest, DatasetChecksumsNameTheDamagedDataset) {
+  TrainedTiny t;
+  const std::string sealed = dir_ + "/sealed.h5", path = dir_ + "/step_00000005.h5";
+  save_checkpoint(sealed, t.model.named_parameters(), t.opt.get(), t.state(5));
+  const NamedParameter p = t.model.named_parameters()[0];  // random values: found once
+  const std::vector<float> values = p.tensor.to_vector<float>();
+  std::string bytes = testing::read_file(sealed).substr(size_t(kSealBytes));
+  const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(values.data()), 64));
+  ASSERT_NE(at, std::string::npos);
+  bytes[at + 1] = char(bytes[at + 1] ^ 0x10);  // a small change in the first value: still finite
+  overwrite_file(path, bytes);
+  testing::expect_error([&] { load_checkpoint(path, t.model.named_parameters(), t.opt.get()); },
+                        {path, "dataset '/params/" + p.name + "' is damaged", "HINT"});
+
+  std::string shard = testing::read_file(write_test_shard("sealed_shard.h5")).substr(size_t(kSealBytes));
+  const uint16_t first[4] = {3, 4, 5, 6};  // the first tokens of write_test_shard
+  const size_t tokens_at = shard.find(std::string(reinterpret_cast<const char*>(first), 8));
+  ASSERT_NE(tokens_at, std::string::npos);
+  shard[tokens_at] = 7;  // still a valid token id
+  overwrite_file(dir_ + "/train_000000.h5", shard);
+  testing::expect_error([&] { data::TokenShard s(dir_ + "/train_000000.h5"); },
+                        {"train_000000.h5", "dataset '/tokens' is damaged", "HINT"});
+}
+
 // A full disk, simulated in-process by the file-size limit: writes past it fail (EFBIG, or a
 // short write at the limit) once SIGXFSZ is ignored.
 class FileSizeLimit {
