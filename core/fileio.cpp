@@ -128,6 +128,50 @@ uint64_t hash_after_seal(int fd, int64_t n, const std::string& path) {
   return h;
 }
 
+// HDF5 1.10 walks a global heap collection ("GCOL", version 1, 3 reserved bytes, its size; then
+// objects: index u16, refcount u16, 4 reserved bytes, size u64, data padded to 8 bytes; index 0
+// is the free space, whose size includes its header) without bounds checks: a changed object
+// size sends it copying gigabytes (H5HG_read). Files without a seal get this walk, bounded, first.
+void check_global_heap(int fd, int64_t at, int64_t file_size, const std::string& path,
+                       const std::string& hint) {
+  unsigned char head[16];
+  if (!pread_all(fd, head, sizeof(head), at) || head[4] != 1 || head[5] || head[6] || head[7])
+    return;  // "GCOL" inside data, not a collection header
+  const uint64_t size = load64(head + 8);
+  NHA_CHECK(size >= 4096 && size <= uint64_t(file_size - at))
+      << "'" << path << "' is damaged: the HDF5 global heap at byte " << at << " claims " << size
+      << " bytes. HINT: " << hint;
+  std::vector<unsigned char> heap(size);
+  NHA_CHECK(pread_all(fd, heap.data(), heap.size(), at))
+      << "cannot read '" << path << "': " << std::strerror(errno);
+  for (uint64_t p = 16; p + 16 <= size;) {
+    const unsigned idx = unsigned(heap[p]) | unsigned(heap[p + 1]) << 8;
+    const uint64_t obj = load64(heap.data() + p + 8);
+    const uint64_t padded = obj > size ? UINT64_MAX : 16 + ((obj + 7) & ~uint64_t(7));  // no wrap
+    const uint64_t need = idx > 0 ? padded : obj;
+    NHA_CHECK(need > 0 && need <= size - p)
+        << "'" << path << "' is damaged: object " << idx << " of the HDF5 global heap at byte "
+        << at << " claims " << obj << " bytes, more than the heap holds. HINT: " << hint;
+    p += need;
+  }
+}
+
+// Every global heap collection of a file (found by its signature).
+void check_global_heaps(int fd, int64_t file_size, const std::string& path, const std::string& hint) {
+  constexpr size_t kOverlap = 3;  // a signature across two blocks
+  std::vector<char> buf(kSealBlock + kOverlap);
+  for (int64_t start = 0; start < file_size; start += int64_t(kSealBlock)) {
+    const size_t len = size_t(std::min<int64_t>(file_size - start, int64_t(buf.size())));
+    NHA_CHECK(pread_all(fd, buf.data(), len, start))
+        << "cannot read '" << path << "': " << std::strerror(errno);
+    for (const char* p = buf.data(); (p = static_cast<const char*>(
+                                          memmem(p, size_t(buf.data() + len - p), "GCOL", 4)));
+         ++p)
+      if (p - buf.data() < int64_t(kSealBlock))  // the overlap is the next block's
+        check_global_heap(fd, start + (p - buf.data()), file_size, path, hint);
+  }
+}
+
 bool checksums_skipped() {
   const char* v = std::getenv("NHA_SKIP_CHECKSUMS");
   return v && *v && std::string(v) != "0";
@@ -203,7 +247,10 @@ bool check_seal(const std::string& path, const std::string& hint) {
   char seal[kSealBytes + 1] = {};
   const bool whole_block = pread_all(f.fd, seal, size_t(std::min(size, kSealBytes)), 0) &&
                            size >= kSealBytes;
-  if (size >= 8 && std::memcmp(seal, kHdf5Signature, 8) == 0) return false;  // written unsealed
+  if (size >= 8 && std::memcmp(seal, kHdf5Signature, 8) == 0) {  // written before seals
+    check_global_heaps(f.fd, size, path, hint);
+    return false;
+  }
   uint64_t want = 0;
   long long bytes = -1;
   NHA_CHECK(whole_block && std::memcmp(seal, kSealMagic, sizeof(kSealMagic) - 1) == 0 &&

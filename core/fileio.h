@@ -46,7 +46,8 @@ void check_dataset_checksum(const std::string& path, const std::string& dataset,
                             const void* data, size_t n, const std::string& hint);
 
 // true: the seal matched. false: the file has no seal (written before seals existed; its first
-// bytes are the HDF5 signature) or hashing is skipped. Throws an Error naming the file and ending
+// bytes are the HDF5 signature; then its HDF5 global heaps are walked with bounds checks, the
+// part of HDF5 1.10's reader that crashes on damage) or hashing is skipped. Throws an Error naming the file and ending
 // with `hint` when the seal does not match, the size differs or the file is neither.
 bool check_seal(const std::string& path, const std::string& hint);
 

@@ -182,6 +182,11 @@ TEST_F(FaultTest, GlobalHeapStringLengthIsCaughtBeforeHdf5) {
     overwrite_file(path, bytes);
     testing::expect_error([&] { read_train_state(path); }, {path, "is damaged", "HINT"});
     testing::expect_error([&] { data::read_shard_meta(path); }, {path, "is damaged", "HINT"});
+    // Without a seal (files written before seals): the bounded heap walk catches it.
+    overwrite_file(path, bytes.substr(size_t(kSealBytes)));
+    testing::expect_error([&] { read_train_state(path); },
+                          {path, "global heap", "claims 4294967", "HINT"});
+    testing::expect_error([&] { data::read_shard_meta(path); }, {path, "global heap", "HINT"});
   }
 }
 
