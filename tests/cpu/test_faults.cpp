@@ -3,6 +3,7 @@
 // crash; values a file may hold but training never writes (a negative step, NaN weights, a
 // negative Adam v) are refused; a shard truncated under an open reader is reported.
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include "common/testing.h"
 #include "autograd/node.h"
 #include "core/fileio.h"
+#include "core/random.h"
 #include "data/shards.h"
 #include "layers/transformer.h"
 #include "train/checkpoint.h"
@@ -297,6 +299,38 @@ TEST_F(FaultTest, DatasetChecksumsNameTheDamagedDataset) {
   overwrite_file(dir_ + "/train_000000.h5", shard);
   testing::expect_error([&] { data::TokenShard s(dir_ + "/train_000000.h5"); },
                         {"train_000000.h5", "dataset '/tokens' is damaged", "HINT"});
+}
+
+// kill -9 at random moments of a process writing checkpoints back to back: every file under a
+// final name is whole and loads; the temp files left behind are removed by the next run.
+TEST_F(FaultTest, KillDuringCheckpointWritesLeavesOnlyWholeFiles) {
+  TrainedTiny t;
+  Generator gen(99);
+  for (int round = 0; round < 8; ++round) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      for (int64_t s = 1; s < 100000; ++s)
+        save_checkpoint(checkpoint_path(dir_, round * 100000 + s), t.model.named_parameters(),
+                        t.opt.get(), t.state(5));
+      ::_exit(0);
+    }
+    // After the round's first checkpoint (fsync makes each take a while), at a random moment.
+    for (int wait = 0; wait < 1000 && !fs::exists(checkpoint_path(dir_, round * 100000 + 1)); ++wait)
+      ::usleep(10000);
+    ::usleep(useconds_t(gen.next_u64() % 50000));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    EXPECT_TRUE(WIFSIGNALED(status)) << "round " << round << ": the writer ended before the kill";
+  }
+  const auto written = list_checkpoints(dir_);
+  EXPECT_GE(written.size(), 8u);
+  for (const auto& [step, path] : written)
+    EXPECT_NO_THROW(load_checkpoint(path, t.model.named_parameters(), t.opt.get())) << path;
+  remove_stale_temp_files(dir_);
+  for (const auto& e : fs::directory_iterator(dir_))
+    EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path();
 }
 
 // A full disk, simulated in-process by the file-size limit: writes past it fail (EFBIG, or a
