@@ -23,6 +23,20 @@ std::string temp_path_for(const std::string& path) {
   return path + ".tmp." + std::to_string(::getpid());
 }
 
+bool pread_all(int fd, void* buf, size_t n, int64_t offset) {
+  char* p = static_cast<char*>(buf);
+  while (n > 0) {
+    const ssize_t r = ::pread(fd, p, n, off_t(offset));
+    if (r < 0 && errno == EINTR) continue;
+    if (r == 0) errno = 0;  // end of file, not an error
+    if (r <= 0) return false;
+    p += r;
+    n -= size_t(r);
+    offset += r;
+  }
+  return true;
+}
+
 namespace {
 
 // A file descriptor closed at scope exit.
@@ -100,19 +114,6 @@ uint32_t load32(const unsigned char* p) {
 uint64_t xxh_round(uint64_t acc, uint64_t input) { return rotl(acc + input * kP2, 31) * kP1; }
 uint64_t xxh_merge(uint64_t acc, uint64_t v) { return (acc ^ xxh_round(0, v)) * kP1 + kP4; }
 
-// Reads exactly n bytes at `offset`; false on a short read or an error.
-bool pread_all(int fd, void* buf, size_t n, int64_t offset) {
-  char* p = static_cast<char*>(buf);
-  while (n > 0) {
-    const ssize_t r = ::pread(fd, p, n, off_t(offset));
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return false;
-    p += r;
-    n -= size_t(r);
-    offset += r;
-  }
-  return true;
-}
 
 // The chained block hash of bytes [kSealBytes, kSealBytes + n) (see fileio.h).
 uint64_t hash_after_seal(int fd, int64_t n, const std::string& path) {

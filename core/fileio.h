@@ -17,6 +17,10 @@ void write_file_atomic(const std::string& path, std::string_view contents);
 // The temporary name write_file_atomic uses for `path` (for writers that stream, e.g. HDF5).
 std::string temp_path_for(const std::string& path);
 
+// Reads exactly `n` bytes at `offset` of `fd` (retrying short reads); false at end of file (errno
+// 0) or on an error (errno set).
+bool pread_all(int fd, void* buf, size_t n, int64_t offset);
+
 // ---- integrity seals ----------------------------------------------------------------------------
 // HDF5 files we write (checkpoints, export files, token shards) start with a 512-byte HDF5 user
 // block, which HDF5 and h5py skip. seal_image() writes into it a checksum of every byte after it:

@@ -341,16 +341,30 @@ void TokenShard::copy(int64_t start, int64_t n, int32_t* out) const {
   NHA_CHECK(start >= 0 && n >= 0 && start + n <= size())
       << "internal: window [" << start << ", " << start + n << ") outside shard " << path_ << " of "
       << size() << " tokens";
-  if (map_) check_unchanged();
+  const size_t bytes = size_t(meta_.token_bytes);
+  const void* tokens = static_cast<const char*>(tokens_) + size_t(start) * bytes;
+  std::vector<char> read;
+  if (map_) {
+    // Read, not the mapping: a file cut short under the job gives a short read, an error here,
+    // where touching a lost page of the mapping raises SIGBUS.
+    check_unchanged();
+    read.resize(size_t(n) * bytes);
+    const int64_t at = static_cast<const char*>(tokens) - static_cast<const char*>(map_);
+    NHA_CHECK(pread_all(fd_, read.data(), read.size(), at))
+        << "cannot read tokens [" << start << ", " << start + n << ") of '" << path_
+        << "': " << (errno ? std::strerror(errno) : "the file is shorter than when opened")
+        << ". HINT: never rewrite or truncate shards under a running job";
+    tokens = read.data();
+  }
   uint32_t max_id = 0;
   if (meta_.token_bytes == 2) {
-    const uint16_t* src = static_cast<const uint16_t*>(tokens_) + start;
+    const uint16_t* src = static_cast<const uint16_t*>(tokens);
     for (int64_t i = 0; i < n; ++i) {
       out[i] = int32_t(src[i]);
       max_id = std::max<uint32_t>(max_id, src[i]);
     }
   } else {
-    const uint32_t* src = static_cast<const uint32_t*>(tokens_) + start;
+    const uint32_t* src = static_cast<const uint32_t*>(tokens);
     for (int64_t i = 0; i < n; ++i) {
       out[i] = int32_t(src[i]);
       max_id = std::max<uint32_t>(max_id, src[i]);

@@ -44,8 +44,9 @@ ShardMeta read_shard_meta(const std::string& path);
 
 // A shard opened for reading: tokens memory-mapped when the dataset is contiguous (always, for
 // files we write; read into memory otherwise), document offsets loaded. Opening verifies the
-// file's integrity seal (core/fileio.h) and the attributes' ranges; a mapped file changed in
-// place while open is reported by copy() instead of ending the process with SIGBUS.
+// file's integrity seal (core/fileio.h), the datasets' checksums and the attributes' ranges.
+// copy() reads with pread, not through the mapping, and checks the file's size and mtime first:
+// a shard cut or rewritten under a running job is an error, never SIGBUS.
 class TokenShard {
  public:
   explicit TokenShard(const std::string& path);
