@@ -19,10 +19,6 @@ namespace nha {
 
 namespace fs = std::filesystem;
 
-std::string temp_path_for(const std::string& path) {
-  return path + ".tmp." + std::to_string(::getpid());
-}
-
 bool pread_all(int fd, void* buf, size_t n, int64_t offset) {
   char* p = static_cast<char*>(buf);
   while (n > 0) {
@@ -38,6 +34,12 @@ bool pread_all(int fd, void* buf, size_t n, int64_t offset) {
 }
 
 namespace {
+
+// NAME.tmp.<pid>: unique per process, in the same directory (rename stays atomic), and never a
+// name readers take for a result (checkpoints are step_<digits>.h5, shards *_NNNNNN.h5).
+std::string temp_path_for(const std::string& path) {
+  return path + ".tmp." + std::to_string(::getpid());
+}
 
 // A file descriptor closed at scope exit.
 struct Fd {
@@ -113,7 +115,6 @@ uint32_t load32(const unsigned char* p) {
 }
 uint64_t xxh_round(uint64_t acc, uint64_t input) { return rotl(acc + input * kP2, 31) * kP1; }
 uint64_t xxh_merge(uint64_t acc, uint64_t v) { return (acc ^ xxh_round(0, v)) * kP1 + kP4; }
-
 
 // The chained block hash of bytes [kSealBytes, kSealBytes + n) (see fileio.h).
 uint64_t hash_after_seal(int fd, int64_t n, const std::string& path) {

@@ -1,6 +1,7 @@
-// Writing files so that nothing already written is ever half-overwritten: the bytes go to a
-// temporary name in the same directory (unique per process) and are renamed over the final name
-// only when completely written, so readers see either the old file or the new one.
+// Files that are whole or absent, and proof that they are what was written.
+// Writing: the bytes go to a temporary name in the same directory (unique per process) and are
+// renamed over the final name only when completely written and synced, so readers see either the
+// old file or the new one. Reading: integrity seals and per-dataset checksums (below).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -11,11 +12,9 @@ namespace nha {
 
 // Writes `contents` to `path` atomically (temp name, fsync, rename), creating parent directories.
 // Every write is checked (a full disk); on failure the temp file is removed, `path` keeps what it
-// held, and the error names the path.
+// held, and the error names the path. The temp name is PATH.tmp.<pid> (remove_stale_temp_files in
+// train/checkpoint.h deletes those that killed processes left).
 void write_file_atomic(const std::string& path, std::string_view contents);
-
-// The temporary name write_file_atomic uses for `path` (for writers that stream, e.g. HDF5).
-std::string temp_path_for(const std::string& path);
 
 // Reads exactly `n` bytes at `offset` of `fd` (retrying short reads); false at end of file (errno
 // 0) or on an error (errno set).

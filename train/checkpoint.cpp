@@ -349,7 +349,9 @@ class Reader {
     }
     // The stored bytes first (the file type as memory type: no conversion) for the checksum,
     // then HDF5's conversion to float32 in place (exact for f32 and bf16).
-    const size_t stored_size = H5_CHECK(H5Tget_size(type), path_);
+    const size_t stored_size = H5Tget_size(type);  // 0 on failure (unsigned: not for H5_CHECK)
+    NHA_CHECK(stored_size > 0) << "'" << path_ << "': dataset '" << name
+                               << "' has no valid type size. HINT: " << kDamagedHint;
     std::vector<unsigned char> raw(size_t(numel) * std::max(stored_size, sizeof(float)));
     if (numel > 0) H5_CHECK(H5Dread(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, raw.data()), path_);
     verify(ds, raw.data(), size_t(numel) * stored_size);

@@ -393,7 +393,8 @@ TEST_F(FaultTest, FullDiskIsReportedAndLosesNothing) {
   std::istringstream lines(testing::read_file(metrics));
   int n = 0;
   for (std::string line; std::getline(lines, line); ++n)
-    EXPECT_NO_THROW((void)nlohmann::json::parse(line)) << "record " << n << ": " << line;
+    EXPECT_FALSE(nlohmann::json::parse(line, nullptr, false).is_discarded())
+        << "record " << n << ": " << line;
   EXPECT_EQ(n, records);
 }
 
