@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "autograd/node.h"
+#include "core/fileio.h"
 #include "data/mqar.h"
 #include "eval/mqar_eval.h"
 #include "train/autocast.h"
@@ -209,11 +210,10 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   }
 
   if (options_.write_run_files && rank_ == 0) {
-    fs::create_directories(config_.logging.run_dir);
-    const std::string cfg_path = (fs::path(config_.logging.run_dir) / "config.yaml").string();
-    std::ofstream out(cfg_path, std::ios::trunc);
-    out << "# resolved config of " << src << " (every key, defaults filled in)\n" << to_yaml(config_);
-    NHA_CHECK(out.good()) << "cannot write '" << cfg_path << "'. HINT: is logging.run_dir writable?";
+    // Atomic and checked: a full disk must not leave a cut config.yaml for the next --resume.
+    write_file_atomic((fs::path(config_.logging.run_dir) / "config.yaml").string(),
+                      "# resolved config of " + src + " (every key, defaults filled in)\n" +
+                          to_yaml(config_));
     metrics_.open((fs::path(config_.logging.run_dir) / "metrics.jsonl").string(),
                   options_.resume ? step_ : -1);
   }
