@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "apps/cli.h"
 #include "core/error.h"
 #include "data/loader.h"
 #include "data/mqar.h"
@@ -33,15 +34,17 @@ void tokenizer_commands(CLI::App& app) {
     auto o = std::make_shared<data::TokenizerTrainOptions>();
     CLI::App* c = tok->add_subcommand("train", "train a BPE tokenizer (byte fallback, deterministic)");
     c->add_option("--input", *inputs, "text files / directories / .jsonl (.zst ok)")->required();
-    c->add_option("--vocab", o->vocab_size, "vocabulary size")->required();
+    c->add_option("--vocab", o->vocab_size, "vocabulary size")->required()->check(kPositive);
     c->add_option("--out", *out, "output .model path")->required();
     c->add_option("--model-type", o->model_type, "bpe or unigram")->capture_default_str();
     c->add_option("--character-coverage", o->character_coverage,
                   "characters covered by pieces; the rest fall back to bytes")->capture_default_str();
     c->add_option("--max-sentences", o->max_sentences, "lines sampled for training (0 = all)")
+        ->check(kNonNegative)
         ->capture_default_str();
     c->add_option("--seed", o->seed, "sampling seed")->capture_default_str();
     c->add_option("--threads", o->num_threads, "trainer threads (1 = byte-reproducible)")
+        ->check(CLI::Range(1, 1024))
         ->capture_default_str();
     c->add_option("--jsonl-field", o->jsonl_field, "text field of .jsonl inputs")->capture_default_str();
     c->add_flag("--verbose", o->verbose, "show sentencepiece's training log");
@@ -139,8 +142,12 @@ void prepare_command(CLI::App& app) {
       ->capture_default_str();
   c->add_option("--doc-split", *split, "plain-text documents: paragraph (blank lines), line, file")
       ->capture_default_str();
-  c->add_option("--threads", o->threads, "encoding threads (0 = all cores)")->capture_default_str();
-  c->add_option("--shard-tokens", o->shard_tokens, "max tokens per shard")->capture_default_str();
+  c->add_option("--threads", o->threads, "encoding threads (0 = all cores)")
+      ->check(CLI::Range(0, 1024))
+      ->capture_default_str();
+  c->add_option("--shard-tokens", o->shard_tokens, "max tokens per shard")
+      ->check(kPositive)
+      ->capture_default_str();
   c->add_flag("--force", o->force, "replace shards already in --out");
   c->add_flag("--quiet", o->quiet, "no progress lines");
   c->callback([tok_path, o, split] {
@@ -183,11 +190,11 @@ void data_commands(CLI::App& app) {
     auto steps = std::make_shared<int64_t>(200);
     CLI::App* c = d->add_subcommand("bench", "loader throughput in tokens/s (prefetch included)");
     c->add_option("dir", *dir, "directory written by `nha prepare`")->required();
-    c->add_option("--seq-len", o->seq_len)->capture_default_str();
-    c->add_option("--batch", o->global_batch)->capture_default_str();
+    c->add_option("--seq-len", o->seq_len)->check(kPositive)->capture_default_str();
+    c->add_option("--batch", o->global_batch)->check(kPositive)->capture_default_str();
     c->add_option("--mode", *mode, "random, doc_aligned or epoch")->capture_default_str();
-    c->add_option("--steps", *steps)->capture_default_str();
-    c->add_option("--prefetch", o->prefetch)->capture_default_str();
+    c->add_option("--steps", *steps)->check(kPositive)->capture_default_str();
+    c->add_option("--prefetch", o->prefetch)->check(kNonNegative)->capture_default_str();
     c->callback([dir, o, mode, steps] {
       o->mode = data::sample_mode_from_name(*mode);
       auto shards = data::ShardSet::open(*dir, "train");
@@ -212,7 +219,9 @@ void mqar_command(CLI::App& app) {
   CLI::App* c = app.add_subcommand("mqar", "show MQAR (Zoology) examples of a preset");
   c->add_option("--preset", *preset, "train, zoology-train, test, or L<len>-K<pairs>[-N<n>]")
       ->capture_default_str();
-  c->add_option("--show", *show, "examples to print")->capture_default_str();
+  c->add_option("--show", *show, "examples to print")
+      ->check(kNonNegative)
+      ->capture_default_str();
   c->add_option("--seed", *seed, "override the preset's seed");
   c->callback([preset, show, seed] {
     data::MqarOptions o = data::mqar_preset(*preset);

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "apps/cli.h"
 #include "core/fileio.h"
 #include "eval/runner.h"
 #include "train/trainer.h"
@@ -44,7 +45,7 @@ void run_eval(const EvalArgs& a) {
   for (const std::string& t : split_commas(a.tasks))
     needs_text = needs_text || eval::resolve_task(t, a.data_dir).schema != eval::Schema::Mqar;
   const data::Tokenizer tok = needs_text
-      ? data::Tokenizer::load(eval::find_tokenizer(m.config, a.tokenizer))
+      ? eval::load_tokenizer(m.config, a.tokenizer)
       : data::Tokenizer();
   eval::EvalOptions o;
   o.score.device = m.device;
@@ -115,11 +116,16 @@ void register_eval_commands(CLI::App& app) {
       ->capture_default_str();
   c->add_option("--tokenizer", a->tokenizer, "tokenizer .model (default: the training shards')");
   c->add_option("--device", a->device, "auto | cpu | cuda | cuda:N")->capture_default_str();
-  c->add_option("--limit", a->limit, "only the first N rows of each task (0: all)");
-  c->add_option("--batch-tokens", a->batch_tokens, "tokens per forward")->capture_default_str();
-  c->add_option("--max-len", a->max_len, "model context (default: the run's train.seq_len)");
+  c->add_option("--limit", a->limit, "only the first N rows of each task (0: all)")
+      ->check(kNonNegative);
+  c->add_option("--batch-tokens", a->batch_tokens, "tokens per forward")
+      ->check(kPositive)
+      ->capture_default_str();
+  c->add_option("--max-len", a->max_len, "model context (default: the run's train.seq_len)")
+      ->check(kPositive);
   c->add_option("--context-tokens", a->context_tokens,
-                "contains tasks: keep the last N context tokens (0: all)");
+                "contains tasks: keep the last N context tokens (0: all)")
+      ->check(kNonNegative);
   c->add_option("--out", a->out, "directory for eval.json / eval.md (default: RUN/eval)");
   c->callback([a] { run_eval(*a); });
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "apps/cli.h"
 #include "eval/generate.h"
 #include "eval/runner.h"
 #include "train/trainer.h"
@@ -52,7 +53,7 @@ void run_generate(const GenerateArgs& a) {
   eval::validate(a.sampling);  // before the (slow) model load
   const std::vector<std::string> texts = collect_prompts(a);
   const eval::LoadedModel m = eval::load_model(a.model, resolve_device(a.device));
-  const data::Tokenizer tok = data::Tokenizer::load(eval::find_tokenizer(m.config, a.tokenizer));
+  const data::Tokenizer tok = eval::load_tokenizer(m.config, a.tokenizer);
   NHA_CHECK(tok.vocab_size() <= m.config.model.vocab_size)
       << "tokenizer has " << tok.vocab_size() << " ids but the model only "
       << m.config.model.vocab_size << ". HINT: pass the tokenizer the model was trained with";
@@ -96,6 +97,7 @@ void register_generate_commands(CLI::App& app) {
   c->add_option("--prompt", a->prompts, "prompt text (repeatable)");
   c->add_option("--prompt-file", a->prompt_file, "file with one prompt per line");
   c->add_option("--max-new-tokens", a->sampling.max_new_tokens, "new tokens per prompt at most")
+      ->check(kNonNegative)
       ->capture_default_str();
   c->add_option("--temperature", a->sampling.temperature, "0 = greedy; > 0 samples")
       ->capture_default_str();

@@ -6,6 +6,7 @@
 #include <iostream>
 #include <memory>
 
+#include "apps/cli.h"
 #include "core/error.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
@@ -19,10 +20,10 @@ namespace nha::apps {
 
 namespace {
 
-volatile std::sig_atomic_t g_stop = 0;
+volatile std::sig_atomic_t g_stop = 0;  // the signal that asked to stop (0: none)
 
-void on_interrupt(int) {
-  g_stop = 1;
+void on_interrupt(int sig) {
+  g_stop = sig;
   std::signal(SIGINT, SIG_DFL);  // a second Ctrl-C ends the process at once
   std::signal(SIGTERM, SIG_DFL);
 }
@@ -45,6 +46,7 @@ void register_train_commands(CLI::App& app) {
     c->add_flag("--quiet", *quiet, "no progress lines (metrics.jsonl is still written)");
     c->add_option("--gpus", *gpus,
                   "data parallel on N GPUs of this machine: starts N processes (docs/distributed.md)")
+        ->check(kPositive)
         ->capture_default_str();
     c->callback([=] {
       RunConfig cfg = load_config(*config, *sets);
@@ -53,7 +55,9 @@ void register_train_commands(CLI::App& app) {
         // Not a rank started by --gpus: maybe the parent that starts them.
         dist::check_gpus_request(*gpus, cuda_device_count(), launch);
         if (*gpus > 1) {
-          dist::run_local_ranks(*gpus, cfg.logging.run_dir);  // rank 0 prints the "done" line
+          // Rank 0 prints the "done" or "stopped" line.
+          const int status = dist::run_local_ranks(*gpus, cfg.logging.run_dir);
+          if (status != 0) throw ExitStatus{status};
           return;
         }
       } else {
@@ -74,6 +78,13 @@ void register_train_commands(CLI::App& app) {
         o.group = group.get();
         Trainer trainer(cfg, o);
         trainer.train();
+        // Scripts must tell an interrupted run from a finished one: the shell's 128 + signal.
+        if (g_stop && trainer.step() < trainer.total_steps()) {
+          if (launch.rank == 0)
+            std::cout << "stopped at step " << trainer.step() << " of " << trainer.total_steps()
+                      << " (checkpoint written; continue with --resume)\n";
+          throw ExitStatus{128 + int(g_stop)};
+        }
         if (launch.rank == 0)
           std::cout << "done: " << trainer.step() << " steps, run dir " << trainer.run_dir() << "\n";
       } catch (const Error& e) {

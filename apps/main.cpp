@@ -3,6 +3,7 @@
 
 #include <iostream>
 
+#include "apps/cli.h"
 #include "core/error.h"
 
 namespace nha::apps {
@@ -23,6 +24,8 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
+  } catch (const nha::apps::ExitStatus& s) {
+    return s.code;
   } catch (const nha::Error& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

@@ -8,7 +8,8 @@
 //     format "nha-tokens-v1", split "train"|"val", shard_index, vocab_size, eos_id,
 //     tokenizer_hash "fnv1a64:...", tokenizer_name, num_documents, num_tokens, sources (strings)
 // Shards are written under a temporary name and renamed when complete: a file with the final
-// name is always whole. DIR/manifest.json, written last, lists every shard and the run's numbers.
+// name is always whole. A 512-byte user block before the HDF5 data holds the integrity seal
+// (core/fileio.h), verified on open. DIR/manifest.json, written last, lists every shard and the run's numbers.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -42,7 +43,10 @@ void write_shard(const std::string& path, const std::vector<uint32_t>& tokens,
 ShardMeta read_shard_meta(const std::string& path);
 
 // A shard opened for reading: tokens memory-mapped when the dataset is contiguous (always, for
-// files we write; read into memory otherwise), document offsets loaded.
+// files we write; read into memory otherwise), document offsets loaded. Opening verifies the
+// file's integrity seal (core/fileio.h), the datasets' checksums and the attributes' ranges.
+// copy() reads with pread, not through the mapping, and checks the file's size and mtime first:
+// a shard cut or rewritten under a running job is an error, never SIGBUS.
 class TokenShard {
  public:
   explicit TokenShard(const std::string& path);
@@ -63,11 +67,18 @@ class TokenShard {
   bool mmapped() const { return map_ != nullptr; }
 
  private:
+  void map_tokens(size_t offset);  // maps the file; tokens_ = its bytes from `offset`
+  void release();                  // unmaps and closes
+  void check_unchanged() const;    // the mapped file still has its size and mtime from opening
+
+
   std::string path_;
   ShardMeta meta_;
   const void* tokens_ = nullptr;
   void* map_ = nullptr;  // the whole mmapped file (tokens_ points inside)
   size_t map_bytes_ = 0;
+  int fd_ = -1;          // of the mapped file
+  int64_t mtime_ns_ = 0;  // its modification time when opened
   std::vector<uint8_t> owned_;  // tokens when not mmapped
   std::vector<uint64_t> doc_offsets_;
 };

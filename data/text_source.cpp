@@ -89,6 +89,32 @@ std::vector<std::string> list_input_files(const std::vector<std::string>& inputs
   return files;
 }
 
+// ---- UTF-8 ---------------------------------------------------------------------------------------
+
+size_t invalid_utf8_offset(std::string_view text) {
+  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+  const size_t n = text.size();
+  size_t i = 0;
+  while (i < n) {
+    const unsigned char c = s[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    // The second byte's range excludes overlong forms (E0, F0), surrogates (ED) and > U+10FFFF (F4).
+    size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) len = 2;
+    else if (c >= 0xE0 && c <= 0xEF) len = 3, lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+    else if (c >= 0xF0 && c <= 0xF4) len = 4, lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+    if (len == 0 || i + len > n || s[i + 1] < lo || s[i + 1] > hi) return i;
+    for (size_t k = 2; k < len; ++k)
+      if ((s[i + k] & 0xC0) != 0x80) return i;
+    i += len;
+  }
+  return std::string_view::npos;
+}
+
 // ---- LineReader --------------------------------------------------------------------------------
 
 static std::string shell_quote(const std::string& s) {
@@ -144,6 +170,12 @@ bool LineReader::next(std::string& line) {
       << "'" << path_ << "' line " << line_number_ << " contains a NUL byte: it looks like a binary "
       << "file, not UTF-8 text. HINT: remove it from the inputs (or decompress it first; only .zst is "
          "decompressed automatically)";
+  const size_t bad = invalid_utf8_offset(std::string_view(buffer_, size_t(n)));
+  NHA_CHECK(bad == std::string_view::npos)
+      << "'" << path_ << "' line " << line_number_ << " byte " << bad + 1 << " (file offset "
+      << bytes_read_ - uint64_t(n) + bad << ") is not UTF-8 (0x" << std::hex
+      << int((unsigned char)buffer_[bad]) << std::dec << "). HINT: convert the file to UTF-8, e.g. "
+      << "`iconv -f LATIN1 -t UTF-8`, or drop the invalid bytes with `iconv -c -f UTF-8 -t UTF-8`";
   size_t len = size_t(n);
   if (len > 0 && buffer_[len - 1] == '\n') --len;
   if (len > 0 && buffer_[len - 1] == '\r') --len;

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace nha::data {
@@ -35,8 +36,13 @@ struct SourceOptions {
 // and sorted (hidden entries, names starting with '.', are skipped). Refuses missing paths.
 std::vector<std::string> list_input_files(const std::vector<std::string>& inputs);
 
-// Lines of one file, decompressing .zst through `zstd -dc`. Refuses NUL bytes (binary files) and
-// unreadable files, naming the file and line. Line endings ("\n", "\r\n") are removed.
+// Offset of the first byte of `text` that is not part of well-formed UTF-8 (overlong forms,
+// surrogates and code points above U+10FFFF included), or std::string_view::npos. Text is refused
+// there rather than rewritten: sentencepiece would turn every such byte into U+FFFD silently.
+size_t invalid_utf8_offset(std::string_view text);
+
+// Lines of one file, decompressing .zst through `zstd -dc`. Refuses NUL bytes (binary files),
+// invalid UTF-8 and unreadable files, naming the file, line and byte offset. Line endings ("\n", "\r\n") are removed.
 class LineReader {
  public:
   explicit LineReader(const std::string& path);

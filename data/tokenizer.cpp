@@ -63,6 +63,11 @@ Tokenizer Tokenizer::load(const std::string& path) {
 
 void Tokenizer::encode_append(std::string_view text, std::vector<int32_t>& out) const {
   NHA_CHECK(sp_) << "encode on an empty Tokenizer. HINT: Tokenizer::load(path) first";
+  const size_t bad = invalid_utf8_offset(text);
+  NHA_CHECK(bad == std::string_view::npos)
+      << "text to encode is not UTF-8 at byte offset " << bad << " (0x" << std::hex
+      << int((unsigned char)text[bad]) << std::dec
+      << "). HINT: convert the input to UTF-8 (iconv); invalid bytes are refused, not rewritten";
   thread_local std::vector<int> ids;  // sentencepiece clears and refills it
   auto status = sp_->Encode(text, &ids);
   NHA_CHECK(status.ok()) << "sentencepiece encode failed (" << name_ << "): " << status.ToString();

@@ -50,24 +50,37 @@ LogitsFn logits_fn(const LoadedModel& m) {
   };
 }
 
-std::string find_tokenizer(const RunConfig& config, const std::string& explicit_path) {
-  if (!explicit_path.empty()) return explicit_path;
+data::Tokenizer load_tokenizer(const RunConfig& config, const std::string& explicit_path) {
   const fs::path manifest = fs::path(config.data.train) / "manifest.json";
+  nlohmann::json recorded;  // the manifest's {name, hash} of the tokenizer, when there is one
   if (!config.data.train.empty() && fs::exists(manifest)) {
     std::ifstream in(manifest);
     const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
-    if (!j.is_discarded() && j.contains("tokenizer") && j["tokenizer"].contains("name")) {
-      const std::string name = j["tokenizer"]["name"].get<std::string>();
-      if (fs::exists(name)) return name;
-    }
+    if (!j.is_discarded() && j.contains("tokenizer")) recorded = j["tokenizer"];
   }
-  NHA_FAIL() << "cannot find the tokenizer of this model (looked in " << manifest.string()
-             << "). HINT: pass --tokenizer PATH/TO/tokenizer.model";
+  std::string path = explicit_path;
+  if (path.empty() && recorded.contains("name") && fs::exists(recorded["name"].get<std::string>()))
+    path = recorded["name"].get<std::string>();
+  NHA_CHECK(!path.empty()) << "cannot find the tokenizer of this model (looked in "
+                           << manifest.string() << "). HINT: pass --tokenizer PATH/TO/tokenizer.model";
+  data::Tokenizer tok = data::Tokenizer::load(path);
+  if (recorded.contains("hash")) {
+    const std::string want = recorded["hash"].get<std::string>();
+    NHA_CHECK(tok.hash_hex() == want)
+        << "tokenizer '" << path << "' (" << tok.hash_hex() << ") is not the one the model's "
+        << "training shards were made with (" << manifest.string() << " records " << want
+        << "): its numbers would not be comparable. HINT: pass that tokenizer ("
+        << recorded.value("name", std::string("see the manifest")) << ")";
+  }
+  return tok;
 }
 
 std::vector<TaskResult> run_tasks(const LoadedModel& m, const data::Tokenizer& tokenizer,
                                   const std::vector<std::string>& tasks,
                                   const std::string& data_dir, const EvalOptions& options) {
+  // No results would replace the eval.json of an earlier evaluation with nothing.
+  NHA_CHECK(!tasks.empty()) << "no task to evaluate (--tasks is empty). HINT: e.g. --tasks "
+                            << "piqa,lambada (docs/eval.md lists them)";
   NHA_CHECK(tokenizer.vocab_size() <= m.config.model.vocab_size)
       << "tokenizer has " << tokenizer.vocab_size() << " ids but the model only "
       << m.config.model.vocab_size << ". HINT: pass the tokenizer the model was trained with";

@@ -2,7 +2,7 @@
 //
 //   LoadedModel m = load_model("runs/nha-20m", Device::cuda(0));   // newest checkpoint of a run
 //   LoadedModel m = load_model("runs/nha-20m/checkpoints/step_00001000.h5", Device::cpu());
-//   data::Tokenizer tok = data::Tokenizer::load(find_tokenizer(m.config, ""));
+//   data::Tokenizer tok = load_tokenizer(m.config, "");
 //   auto results = run_tasks(m, tok, {"piqa", "hellaswag"}, data_dir, options);
 #pragma once
 #include <memory>
@@ -32,8 +32,9 @@ LoadedModel load_model(const std::string& path, Device device);
 LogitsFn logits_fn(const LoadedModel& m);
 
 // The tokenizer of a run: `explicit_path` when given, else the one the training shards were made
-// with (data.train's manifest.json). Fails with a hint when it cannot be found.
-std::string find_tokenizer(const RunConfig& config, const std::string& explicit_path);
+// with (data.train's manifest.json). Fails with a hint when it cannot be found, or when the
+// manifest records another tokenizer's hash (another tokenizer gives other numbers silently).
+data::Tokenizer load_tokenizer(const RunConfig& config, const std::string& explicit_path);
 
 // Runs every task (names or PATH:SCHEMA specs, resolved against data_dir) and prints the table.
 std::vector<TaskResult> run_tasks(const LoadedModel& m, const data::Tokenizer& tokenizer,

@@ -97,6 +97,14 @@ template <typename T>
 T field(const json& row, const char* key, const std::string& path, size_t i) {
   NHA_CHECK(row.contains(key)) << path << ": row " << i + 1 << " lacks the field '" << key
                                << "'. HINT: check the file's schema (docs/eval.md)";
+  // nlohmann converts 1.7 to 1 and -1 to a huge size_t without a word: whole numbers only.
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    const json& v = row.at(key);
+    NHA_CHECK(std::is_signed_v<T> ? v.is_number_integer() : v.is_number_unsigned())
+        << path << ": row " << i + 1 << ": field '" << key << "' is " << v.dump() << ", not a "
+        << (std::is_signed_v<T> ? "whole number" : "whole number >= 0")
+        << ". HINT: check the file's schema (docs/eval.md)";
+  }
   try {
     return row.at(key).get<T>();
   } catch (const json::exception& e) {
@@ -210,6 +218,8 @@ std::vector<Metric> score_contains(const std::vector<json>& rows, const std::str
   std::vector<GenerateRequest> requests;
   for (size_t i = 0; i < rows.size(); ++i) {
     std::vector<int32_t> ids = tok.encode(field<std::string>(rows[i], "context", path, i));
+    NHA_CHECK(!ids.empty()) << path << ": row " << i + 1 << ": field 'context' is empty"
+                            << ". HINT: a contains task needs a context to continue (docs/eval.md)";
     if (opt.context_tokens > 0 && int64_t(ids.size()) > opt.context_tokens)
       ids.erase(ids.begin(), ids.end() - opt.context_tokens);
     requests.push_back({std::move(ids)});

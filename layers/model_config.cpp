@@ -1,5 +1,7 @@
 #include "layers/model_config.h"
 
+#include <cmath>
+
 #include "core/error.h"
 
 namespace nha {
@@ -30,24 +32,49 @@ MixerConfig ModelConfig::mixer(int64_t layer) const {
   return mixers.empty() ? MixerConfig{} : mixers.at(size_t(layer));
 }
 
+namespace {
+
+// Sizes far beyond any model this code can run, small enough that products of them (parameter
+// counts, activation sizes) cannot overflow int64.
+constexpr int64_t kMaxVocab = int64_t(1) << 31;  // token ids are int32
+constexpr int64_t kMaxWidth = int64_t(1) << 20;
+constexpr int64_t kMaxLayers = int64_t(1) << 16;
+
+void check_size(const char* key, int64_t v, int64_t lo, int64_t hi) {
+  NHA_CHECK(v >= lo && v <= hi) << key << " must be in [" << lo << ", " << hi << "], got " << v
+                                << ". HINT: see docs/config.md";
+}
+
+}  // namespace
+
 void ModelConfig::validate() const {
-  NHA_CHECK(vocab_size > 0) << "model.vocab_size must be positive, got " << vocab_size;
-  NHA_CHECK(d_model > 0) << "model.d_model must be positive, got " << d_model;
-  NHA_CHECK(n_layers > 0) << "model.n_layers must be positive, got " << n_layers;
+  check_size("model.vocab_size", vocab_size, 1, kMaxVocab - 1);
+  check_size("model.d_model", d_model, 1, kMaxWidth);
+  check_size("model.n_layers", n_layers, 1, kMaxLayers);
+  check_size("model.mlp_hidden", mlp_hidden, 0, 4 * kMaxWidth);
   NHA_CHECK(n_heads > 0 && d_model % n_heads == 0)
       << "model.n_heads (" << n_heads << ") must divide model.d_model (" << d_model
       << "). HINT: pick n_heads from the divisors of d_model";
   NHA_CHECK(head_dim() % 2 == 0) << "head dim d_model/n_heads = " << head_dim()
                                  << " must be even for RoPE. HINT: change n_heads";
-  NHA_CHECK(norm_eps > 0) << "model.norm_eps must be positive, got " << norm_eps;
+  // std::isfinite first: inf passes `> 0`, and NaN fails every comparison silently elsewhere.
+  NHA_CHECK(std::isfinite(norm_eps) && norm_eps > 0)
+      << "model.norm_eps must be a finite number > 0, got " << norm_eps << ". HINT: 1e-6";
+  NHA_CHECK(std::isfinite(rope_base) && rope_base > 1)
+      << "model.rope_base must be a finite number > 1, got " << rope_base << ". HINT: 10000";
+  NHA_CHECK(std::isfinite(init_std) && init_std > 0)
+      << "model.init_std must be a finite number > 0, got " << init_std << ". HINT: 0.02";
   NHA_CHECK(mixers.empty() || int64_t(mixers.size()) == n_layers)
       << "model has " << n_layers << " layers but " << mixers.size()
       << " mixer entries. HINT: give one mixer per layer, or none for all-attention";
   for (size_t i = 0; i < mixers.size(); ++i) {
-    NHA_CHECK(mixers[i].window >= 0) << "layer " << i << ": window must be >= 0, got "
-                                     << mixers[i].window;
-    NHA_CHECK(mixers[i].type == MixerType::Attention || mixers[i].slots > 0)
-        << "layer " << i << ": slots must be positive for " << mixer_type_name(mixers[i].type);
+    NHA_CHECK(mixers[i].window >= 0 && mixers[i].window < kMaxVocab)
+        << "layer " << i << ": window must be in [0, 2^31), got " << mixers[i].window
+        << ". HINT: 0 = no window (docs/config.md)";
+    NHA_CHECK(mixers[i].type == MixerType::Attention ||
+              (mixers[i].slots > 0 && mixers[i].slots <= kMaxWidth))
+        << "layer " << i << ": slots must be in [1, 2^20] for " << mixer_type_name(mixers[i].type)
+        << ", got " << mixers[i].slots << ". HINT: the default is 64";
   }
 }
 

@@ -2,13 +2,14 @@
 // and docs/checkpoint.md).
 #include "train/checkpoint.h"
 
-#include <fcntl.h>
 #include <hdf5.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
+#include <charconv>
+#include <csignal>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -27,6 +28,10 @@ namespace nha {
 namespace {
 
 // ---- error handling ------------------------------------------------------------------------------
+
+constexpr const char* kDamagedHint =
+    "the checkpoint is damaged; resume from an older one (`nha train --resume` falls back to the "
+    "newest checkpoint that verifies)";
 
 void quiet_hdf5() {
   static bool once = [] {
@@ -143,28 +148,23 @@ Handle no_times_plist(hid_t cls, const std::string& file) {
 
 class Writer {
  public:
+  // The file is built in memory (HDF5's core driver without a backing store) and written by
+  // commit() with checked writes: HDF5 itself never writes to disk, so a full disk cannot fail
+  // inside HDF5's close, which then left the file open and crashed at exit (H5F__close_cb).
   explicit Writer(std::string final_path) : path_(std::move(final_path)) {
     quiet_hdf5();
-    const fs::path parent = fs::path(path_).parent_path();
-    if (!parent.empty()) fs::create_directories(parent);
-    tmp_ = temp_path_for(path_);
-    Handle fcpl = no_times_plist(H5P_FILE_CREATE, tmp_);
-    file_ = Handle(H5_CHECK(H5Fcreate(tmp_.c_str(), H5F_ACC_TRUNC, fcpl, H5P_DEFAULT), tmp_),
-                   H5Fclose);
-  }
-  ~Writer() {
-    if (!committed_) {  // an error on the way: leave nothing behind
-      file_.reset();
-      std::error_code ec;
-      fs::remove(tmp_, ec);
-    }
+    Handle fcpl = no_times_plist(H5P_FILE_CREATE, path_);
+    H5_CHECK(H5Pset_userblock(fcpl, hsize_t(kSealBytes)), path_);  // for seal_image (core/fileio.h)
+    Handle fapl(H5_CHECK(H5Pcreate(H5P_FILE_ACCESS), path_), H5Pclose);
+    H5_CHECK(H5Pset_fapl_core(fapl, size_t(64) << 20, false), path_);
+    file_ = Handle(H5_CHECK(H5Fcreate(path_.c_str(), H5F_ACC_TRUNC, fcpl, fapl), path_), H5Fclose);
   }
 
   hid_t file() const { return file_; }
 
   Handle group(hid_t parent, const std::string& name) {
-    Handle gcpl = no_times_plist(H5P_GROUP_CREATE, tmp_);
-    return Handle(H5_CHECK(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, gcpl, H5P_DEFAULT), tmp_),
+    Handle gcpl = no_times_plist(H5P_GROUP_CREATE, path_);
+    return Handle(H5_CHECK(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, gcpl, H5P_DEFAULT), path_),
                   H5Gclose);
   }
 
@@ -172,42 +172,45 @@ class Writer {
   void tensor(hid_t parent, const std::string& name, const Tensor& t, DType dtype) {
     count_dataset_for_testing();
     std::vector<hsize_t> dims(t.shape().begin(), t.shape().end());
-    Handle space(dims.empty() ? H5_CHECK(H5Screate(H5S_SCALAR), tmp_)
+    Handle space(dims.empty() ? H5_CHECK(H5Screate(H5S_SCALAR), path_)
                               : H5_CHECK(H5Screate_simple(int(dims.size()), dims.data(), nullptr),
-                                         tmp_),
+                                         path_),
                  H5Sclose);
-    Handle dcpl = no_times_plist(H5P_DATASET_CREATE, tmp_);
+    Handle dcpl = no_times_plist(H5P_DATASET_CREATE, path_);
     std::vector<float> values = t.detach().to_vector<float>();
     if (dtype == DType::BF16) {
-      Handle type = bf16_type(tmp_);
+      Handle type = bf16_type(path_);
       std::vector<uint16_t> bits(values.size());
       for (size_t i = 0; i < values.size(); ++i) {
         bits[i] = bf16::round_from_float(values[i]);  // nearest even, as Tensor::to(BF16)
       }
       Handle ds(H5_CHECK(H5Dcreate2(parent, name.c_str(), type, space, H5P_DEFAULT, dcpl,
-                                    H5P_DEFAULT), tmp_),
+                                    H5P_DEFAULT), path_),
                 H5Dclose);
-      H5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, bits.data()), tmp_);
+      H5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, bits.data()), path_);
+      attr(ds, kChecksumAttr, xxh64(bits.data(), bits.size() * sizeof(uint16_t), 0));
     } else {
       NHA_CHECK(dtype == DType::F32) << "checkpoint tensors are f32 or bf16, not "
                                      << dtype_name(dtype);
       Handle ds(H5_CHECK(H5Dcreate2(parent, name.c_str(), H5T_IEEE_F32LE, space, H5P_DEFAULT,
-                                    dcpl, H5P_DEFAULT), tmp_),
+                                    dcpl, H5P_DEFAULT), path_),
                 H5Dclose);
-      H5_CHECK(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()), tmp_);
+      H5_CHECK(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()), path_);
+      attr(ds, kChecksumAttr, xxh64(values.data(), values.size() * sizeof(float), 0));
     }
   }
 
   void string_dataset(hid_t parent, const std::string& name, const std::string& value) {
     count_dataset_for_testing();
-    Handle type = vlen_string_type(tmp_);
-    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), tmp_), H5Sclose);
-    Handle dcpl = no_times_plist(H5P_DATASET_CREATE, tmp_);
+    Handle type = vlen_string_type(path_);
+    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), path_), H5Sclose);
+    Handle dcpl = no_times_plist(H5P_DATASET_CREATE, path_);
     Handle ds(H5_CHECK(H5Dcreate2(parent, name.c_str(), type, space, H5P_DEFAULT, dcpl,
-                                  H5P_DEFAULT), tmp_),
+                                  H5P_DEFAULT), path_),
               H5Dclose);
     const char* p = value.c_str();
-    H5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, &p), tmp_);
+    H5_CHECK(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, &p), path_);
+    attr(ds, kChecksumAttr, xxh64(value.data(), value.size(), 0));
   }
 
   template <typename T>
@@ -224,48 +227,47 @@ class Writer {
       file_type = H5T_STD_I64LE;
       mem_type = H5T_NATIVE_INT64;
     }
-    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), tmp_), H5Sclose);
-    Handle a(H5_CHECK(H5Acreate2(obj, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT), tmp_),
+    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), path_), H5Sclose);
+    Handle a(H5_CHECK(H5Acreate2(obj, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT), path_),
              H5Aclose);
-    H5_CHECK(H5Awrite(a, mem_type, &value), tmp_);
+    H5_CHECK(H5Awrite(a, mem_type, &value), path_);
   }
 
   void attr(hid_t obj, const char* name, const std::string& value) {
-    Handle type = vlen_string_type(tmp_);
-    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), tmp_), H5Sclose);
-    Handle a(H5_CHECK(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), tmp_),
+    Handle type = vlen_string_type(path_);
+    Handle space(H5_CHECK(H5Screate(H5S_SCALAR), path_), H5Sclose);
+    Handle a(H5_CHECK(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), path_),
              H5Aclose);
     const char* p = value.c_str();
-    H5_CHECK(H5Awrite(a, type, &p), tmp_);
+    H5_CHECK(H5Awrite(a, type, &p), path_);
   }
 
   void attr(hid_t obj, const char* name, const std::vector<std::string>& values) {
-    Handle type = vlen_string_type(tmp_);
+    Handle type = vlen_string_type(path_);
     hsize_t n = values.size();
-    Handle space(H5_CHECK(H5Screate_simple(1, &n, nullptr), tmp_), H5Sclose);
-    Handle a(H5_CHECK(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), tmp_),
+    Handle space(H5_CHECK(H5Screate_simple(1, &n, nullptr), path_), H5Sclose);
+    Handle a(H5_CHECK(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), path_),
              H5Aclose);
     std::vector<const char*> ptrs;
     for (const std::string& s : values) ptrs.push_back(s.c_str());
-    if (n > 0) H5_CHECK(H5Awrite(a, type, ptrs.data()), tmp_);
+    if (n > 0) H5_CHECK(H5Awrite(a, type, ptrs.data()), path_);
   }
 
-  // Flush, close (checked), fsync, rename to the final name.
+  // The file's bytes from memory, sealed, then written atomically (temp name, fsync, rename).
   void commit() {
-    H5_CHECK(H5Fflush(file_, H5F_SCOPE_GLOBAL), tmp_);
-    H5_CHECK(H5Fclose(file_.release()), tmp_);
-    const int fd = ::open(tmp_.c_str(), O_RDONLY);
-    NHA_CHECK(fd >= 0 && ::fsync(fd) == 0)
-        << "cannot sync '" << tmp_ << "': " << std::strerror(errno) << ". HINT: is the disk full?";
-    ::close(fd);
-    fs::rename(tmp_, path_);
-    committed_ = true;
+    H5_CHECK(H5Fflush(file_, H5F_SCOPE_GLOBAL), path_);
+    // HDF5's image starts at the superblock: the user block goes in front of it.
+    const ssize_t size = H5_CHECK(H5Fget_file_image(file_, nullptr, 0), path_);
+    std::string image(size_t(kSealBytes + size), '\0');
+    H5_CHECK(H5Fget_file_image(file_, image.data() + kSealBytes, size_t(size)), path_);
+    H5_CHECK(H5Fclose(file_.release()), path_);
+    seal_image(image);
+    write_file_atomic(path_, image);
   }
 
  private:
-  std::string path_, tmp_;
+  std::string path_;
   Handle file_;
-  bool committed_ = false;
 };
 
 void write_state_attrs(Writer& w, const TrainState& s) {
@@ -287,6 +289,7 @@ class Reader {
     quiet_hdf5();
     NHA_CHECK(fs::exists(path_)) << "checkpoint '" << path_ << "' does not exist. HINT: checkpoints "
                                  << "are CKPT_DIR/step_NNNNNNNN.h5; `ls` the run's checkpoints/";
+    check_seal(path_, kDamagedHint);
     file_ = Handle(H5_CHECK(H5Fopen(path_.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), path_), H5Fclose);
   }
   hid_t file() const { return file_; }
@@ -327,16 +330,41 @@ class Reader {
     return Shape(dims.begin(), dims.end());
   }
 
-  // Dataset as an f32 CPU tensor (HDF5 converts f32/bf16/f64 file types).
+  // Dataset as an f32 CPU tensor (HDF5 converts f32/bf16/f64 file types); every value finite.
   Tensor tensor(hid_t parent, const std::string& name) const {
     Shape sh = shape(parent, name);
     Handle ds(H5_CHECK(H5Dopen2(parent, name.c_str(), H5P_DEFAULT), path_), H5Dclose);
     Handle type(H5_CHECK(H5Dget_type(ds), path_), H5Tclose);
     NHA_CHECK(H5_CHECK(H5Tget_class(type), path_) == H5T_FLOAT)
-        << "'" << path_ << "': dataset '" << name << "' is not floating point";
-    std::vector<float> values(size_t(numel_of(sh)));
-    if (!values.empty())
-      H5_CHECK(H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()), path_);
+        << "'" << path_ << "': dataset '" << name << "' is not floating point. HINT: "
+        << kDamagedHint;
+    // A damaged shape must not turn into a huge allocation: the values must fit in the file.
+    const int64_t file_bytes = int64_t(fs::file_size(path_));
+    int64_t numel = 1;
+    for (int64_t d : sh) {
+      NHA_CHECK(d >= 0 && (d == 0 || numel <= file_bytes / d))
+          << "'" << path_ << "': dataset '" << name << "' has shape " << shape_str(sh)
+          << ", more values than the file holds. HINT: " << kDamagedHint;
+      numel *= d;
+    }
+    // The stored bytes first (the file type as memory type: no conversion) for the checksum,
+    // then HDF5's conversion to float32 in place (exact for f32 and bf16).
+    const size_t stored_size = H5Tget_size(type);  // 0 on failure (unsigned: not for H5_CHECK)
+    NHA_CHECK(stored_size > 0) << "'" << path_ << "': dataset '" << name
+                               << "' has no valid type size. HINT: " << kDamagedHint;
+    std::vector<unsigned char> raw(size_t(numel) * std::max(stored_size, sizeof(float)));
+    if (numel > 0) H5_CHECK(H5Dread(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, raw.data()), path_);
+    verify(ds, raw.data(), size_t(numel) * stored_size);
+    if (numel > 0)
+      H5_CHECK(H5Tconvert(type, H5T_NATIVE_FLOAT, size_t(numel), raw.data(), nullptr, H5P_DEFAULT),
+               path_);
+    std::vector<float> values(static_cast<size_t>(numel));
+    std::memcpy(values.data(), raw.data(), values.size() * sizeof(float));
+    const auto bad = std::find_if(values.begin(), values.end(), [](float v) { return !std::isfinite(v); });
+    NHA_CHECK(bad == values.end())
+        << "'" << path_ << "': dataset '" << name << "' holds " << *bad << " at index "
+        << bad - values.begin() << " (training never stores a non-finite value). HINT: "
+        << kDamagedHint;
     return Tensor::from_vector(values, sh);
   }
 
@@ -349,7 +377,17 @@ class Reader {
     H5_CHECK(H5Dread(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, &p), path_);
     std::string s = p ? p : "";
     if (p) H5free_memory(p);
+    verify(ds, s.data(), s.size());
     return s;
+  }
+
+  // Checks the dataset's kChecksumAttr against its stored bytes (files written before per-dataset
+  // checksums have none).
+  void verify(hid_t ds, const void* bytes, size_t n) const {
+    if (!has_attr(ds, kChecksumAttr)) return;
+    char name[512] = {};
+    H5_CHECK(H5Iget_name(ds, name, sizeof(name)), path_);  // the full path, e.g. /optim/v/...
+    check_dataset_checksum(path_, name, attr<uint64_t>(ds, kChecksumAttr), bytes, n, kDamagedHint);
   }
 
   std::vector<std::string> str_list_attr(hid_t obj, const char* name) const {
@@ -395,6 +433,23 @@ class Reader {
   Handle file_;
 };
 
+// Counters a resume trusts (a negative step would give a negative LR and drop metrics records).
+void check_state(const TrainState& s, const std::string& path) {
+  auto fail_unless = [&](bool ok, const char* what, double v) {
+    NHA_CHECK(ok) << "'" << path << "': attribute " << what << " = " << v
+                  << " is out of range. HINT: " << kDamagedHint;
+  };
+  fail_unless(s.step >= 0, "step", double(s.step));
+  fail_unless(s.tokens_seen >= 0, "tokens_seen", double(s.tokens_seen));
+  fail_unless(s.optim_step >= 0 && s.optim_step <= s.step, "optim_step (<= step)",
+              double(s.optim_step));
+  fail_unless(std::isfinite(s.loss_ema) && s.loss_ema >= 0, "loss_ema", s.loss_ema);
+  fail_unless(s.loss_ema_count >= 0 && s.loss_ema_count <= s.step, "loss_ema_count",
+              double(s.loss_ema_count));
+  fail_unless(s.bad_steps_in_row >= 0 && s.bad_steps_in_row <= s.step, "bad_steps_in_row",
+              double(s.bad_steps_in_row));
+}
+
 // strict: a training checkpoint is required (resume); otherwise an export file gives its step,
 // tokens_seen and config (the rest stays zero/empty).
 TrainState read_state(const Reader& r, bool strict) {
@@ -421,6 +476,7 @@ TrainState read_state(const Reader& r, bool strict) {
   s.bad_steps_in_row = r.attr<int64_t>(r.file(), "bad_steps_in_row");
   s.loader_state = r.string_dataset(r.file(), "loader_state");
   s.config_yaml = r.string_dataset(r.file(), "config");
+  check_state(s, r.path());
   return s;
 }
 
@@ -519,7 +575,13 @@ TrainState load_checkpoint(const std::string& path, const std::vector<NamedParam
       NHA_CHECK(r.exists(gm, name) && r.exists(gv, name))
           << "'" << path << "' has no optimizer state for '" << name << "'";
       copy_into(opt->m(i), r.tensor(gm, name), "optim/m/" + name, path);
-      copy_into(opt->v(i), r.tensor(gv, name), "optim/v/" + name, path);
+      const Tensor v = r.tensor(gv, name);
+      // A negative second moment would make sqrt(v) NaN in the next update.
+      const std::vector<float> vs = v.to_vector<float>();
+      NHA_CHECK(std::none_of(vs.begin(), vs.end(), [](float x) { return x < 0; }))
+          << "'" << path << "': optim/v/" << name << " holds a negative value. HINT: "
+          << kDamagedHint;
+      copy_into(opt->v(i), v, "optim/v/" + name, path);
     }
     opt->set_step_count(s.optim_step);
   }
@@ -543,6 +605,10 @@ void export_parameters(const std::string& checkpoint_path, const std::string& ou
                        DType dtype) {
   NHA_CHECK(dtype == DType::F32 || dtype == DType::BF16)
       << "export dtype must be fp32 or bf16, got " << dtype_name(dtype);
+  std::error_code ec;
+  NHA_CHECK(!fs::equivalent(checkpoint_path, out_path, ec))
+      << "the export file '" << out_path << "' is the checkpoint being exported ('"
+      << checkpoint_path << "'): it would be replaced. HINT: choose another --out, e.g. model.h5";
   std::vector<NamedParameter> params;
   std::vector<std::string> order;
   std::string config;
@@ -584,11 +650,33 @@ std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string&
     if (name.size() < 9 || name.rfind("step_", 0) != 0 || name.substr(name.size() - 3) != ".h5")
       continue;
     const std::string digits = name.substr(5, name.size() - 8);
-    if (digits.empty() || !std::all_of(digits.begin(), digits.end(), ::isdigit)) continue;
-    out.emplace_back(std::stoll(digits), entry.path().string());
+    int64_t step = -1;
+    const auto [end, err] = std::from_chars(digits.data(), digits.data() + digits.size(), step);
+    // Not ours (we never write a step beyond int64): ignored like any other foreign file.
+    if (digits.empty() || err != std::errc() || end != digits.data() + digits.size()) continue;
+    out.emplace_back(step, entry.path().string());
   }
   std::sort(out.begin(), out.end());
   return out;
+}
+
+std::vector<std::string> remove_stale_temp_files(const std::string& dir) {
+  std::vector<std::string> removed;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return removed;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    const size_t tmp = name.find(".h5.tmp.");
+    if (name.rfind("step_", 0) != 0 || tmp == std::string::npos) continue;
+    long pid = 0;
+    const char* first = name.c_str() + tmp + 8;
+    const auto [end, err] = std::from_chars(first, name.c_str() + name.size(), pid);
+    if (err != std::errc() || *end != '\0' || pid <= 0) continue;
+    // kill(pid, 0) probes without signalling: ESRCH = no such process, so nobody writes it.
+    if (::kill(pid_t(pid), 0) == 0 || errno != ESRCH) continue;
+    if (fs::remove(entry.path(), ec)) removed.push_back(entry.path().string());
+  }
+  return removed;
 }
 
 std::string latest_checkpoint(const std::string& dir) {

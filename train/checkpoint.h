@@ -9,6 +9,9 @@
 //                        rng_offset, loss_ema, loss_ema_count, bad_steps_in_row, param_names
 // Export files (`nha export`) hold /params only (f32 or bf16) plus the config and attributes.
 //
+// Files carry an integrity seal in a 512-byte user block (core/fileio.h), checked before HDF5 reads
+// them, and every dataset an `xxh64` checksum attribute, checked when it is read; counters,
+// finiteness and AdamW's v >= 0 are validated on load (docs/checkpoint.md).
 // Writes go to NAME.tmp.<pid> and are renamed to NAME when complete and closed: a file with a final
 // name is always whole; on any error the temp file is removed. Every HDF5 call is checked and an
 // error names the call, the file and the HDF5 message (file:line of the check).
@@ -72,6 +75,9 @@ void export_parameters(const std::string& checkpoint_path, const std::string& ou
 // Checkpoints of a directory: (step, path) sorted by step; only complete files named
 // step_<digits>.h5 count (temp files never do).
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& dir);
+// Deletes the temp files (step_*.h5.tmp.<pid>) that processes no longer running left in `dir`
+// (killed while writing); returns their paths.
+std::vector<std::string> remove_stale_temp_files(const std::string& dir);
 // The newest checkpoint of `dir`, or "" when there is none.
 std::string latest_checkpoint(const std::string& dir);
 // The checkpoint a user means by `run_or_ckpt`: the file itself, or the newest checkpoint of a

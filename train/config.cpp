@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -76,13 +77,17 @@ class Section {
   std::set<std::string> known_;
 };
 
-// Integer keys may be written 1e6 or 65_536-free plain; accept numbers with an exact integer value.
+// Integer keys may be written 1e6 as well as 1000000: plain integers are read exactly, other
+// numbers must have a whole value inside int64 (converting one outside is undefined behaviour).
 void get_count(Section& s, const std::string& key, int64_t& out) {
   double v = double(out);
   s.get(key, v);
-  NHA_CHECK(v == double(int64_t(v))) << "key '" << s.where(key) << "' must be a whole number, got "
-                                     << v;
-  out = int64_t(v);
+  NHA_CHECK(std::isfinite(v) && std::fabs(v) < 0x1p63 && v == std::trunc(v))
+      << "key '" << s.where(key) << "' must be a whole number in int64's range, got " << v
+      << ". HINT: see docs/config.md";
+  int64_t exact = int64_t(v);
+  s.get(key, exact);  // exact beyond 2^53, where the double has lost digits
+  out = exact;
 }
 
 MixerConfig read_mixer(YAML::Node node, const std::string& path, const std::string& source,
@@ -199,10 +204,14 @@ void apply_override(YAML::Node& root, const std::string& assignment, const std::
   for (size_t i = 0; i + 1 < parts.size(); ++i) {
     YAML::Node next = chain.back()[parts[i]];
     if (!next.IsDefined() || next.IsNull()) chain.back()[parts[i]] = YAML::Node(YAML::NodeType::Map);
-    chain.push_back(chain.back()[parts[i]]);
+    next = chain.back()[parts[i]];
+    // yaml-cpp would throw its own message from operator[] on a scalar or a list.
+    NHA_CHECK(next.IsMap()) << source << ": override '" << assignment << "': '" << parts[i]
+                            << "' holds a value, not keys. HINT: --set takes the path of one key, "
+                            << "e.g. --set train.lr=1e-3 (docs/config.md)";
+    chain.push_back(next);
   }
   chain.back()[parts.back()] = parsed;
-  (void)source;
 }
 
 }  // namespace
@@ -231,7 +240,8 @@ void TrainConfig::check_world_size(int64_t world_size, const std::string& source
 }
 
 int64_t TrainConfig::total_steps() const {
-  return steps > 0 ? steps : (tokens + global_batch_tokens - 1) / global_batch_tokens;
+  // Rounded up without forming tokens + global_batch_tokens, which may overflow.
+  return steps > 0 ? steps : tokens / global_batch_tokens + (tokens % global_batch_tokens != 0);
 }
 
 RunConfig parse_config(const std::string& yaml_text, const std::string& source,
@@ -303,8 +313,36 @@ void RunConfig::validate() const {
     NHA_FAIL() << source << ": " << e.what();
   }
   const TrainConfig& t = train;
-  NHA_CHECK(t.seq_len > 0) << source << ": train.seq_len must be positive, got " << t.seq_len;
-  NHA_CHECK(t.micro_batch > 0) << source << ": train.micro_batch must be positive";
+  // Sizes are bounded so that every product the trainer forms (micro_batch x seq_len x GPUs,
+  // steps x global_batch_tokens) fits in int64; the bounds are far beyond any real run.
+  auto check_count = [&](const char* key, int64_t v, int64_t lo, int64_t hi) {
+    NHA_CHECK(v >= lo && v <= hi) << source << ": " << key << " must be in [" << lo << ", " << hi
+                                  << "], got " << v << ". HINT: see docs/config.md";
+  };
+  constexpr int64_t kMaxTokens = int64_t(1) << 50;  // ~1e15 tokens
+  check_count("train.seq_len", t.seq_len, 1, int64_t(1) << 24);
+  check_count("train.micro_batch", t.micro_batch, 1, int64_t(1) << 20);
+  check_count("train.global_batch_tokens", t.global_batch_tokens, 1, int64_t(1) << 40);
+  check_count("train.steps", t.steps, 0, kMaxTokens / t.global_batch_tokens);
+  check_count("train.tokens", t.tokens, 0, kMaxTokens);
+  check_count("train.warmup_steps", t.warmup_steps, 0, kMaxTokens);
+  check_count("train.max_bad_steps", t.max_bad_steps, 1, kMaxTokens);
+  check_count("eval.interval", eval.interval, 0, kMaxTokens);
+  check_count("eval.val_tokens", eval.val_tokens, 0, kMaxTokens);
+  check_count("checkpoint.interval", checkpoint.interval, 0, kMaxTokens);
+  check_count("checkpoint.keep_last", checkpoint.keep_last, 1, kMaxTokens);
+  check_count("logging.interval", logging.interval, 1, kMaxTokens);
+  // Floats: finite first (inf passes `> 0`; NaN fails every comparison).
+  auto check_real = [&](const char* key, double v, bool ok, const char* want) {
+    NHA_CHECK(std::isfinite(v) && ok) << source << ": " << key << " must be " << want << ", got "
+                                      << v << ". HINT: see docs/config.md for its default";
+  };
+  check_real("train.grad_clip", t.grad_clip, t.grad_clip >= 0, "a finite number >= 0 (0 = off)");
+  check_real("train.spike_factor", t.spike_factor, t.spike_factor >= 0,
+             "a finite number >= 0 (0 = off)");
+  check_real("train.lr", t.lr, t.lr > 0, "a finite number > 0");
+  check_real("train.eps", t.eps, t.eps > 0, "a finite number > 0");
+  check_real("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "a finite number >= 0");
   NHA_CHECK(t.global_batch_tokens > 0 && t.global_batch_tokens % t.tokens_per_micro_step() == 0)
       << source << ": train.global_batch_tokens (" << t.global_batch_tokens
       << ") must be a positive multiple of micro_batch x seq_len (" << t.tokens_per_micro_step()
@@ -312,21 +350,17 @@ void RunConfig::validate() const {
   NHA_CHECK((t.steps > 0) != (t.tokens > 0))
       << source << ": give exactly one of train.steps and train.tokens (got steps=" << t.steps
       << ", tokens=" << t.tokens << ")";
-  NHA_CHECK(t.lr > 0) << source << ": train.lr must be positive, got " << t.lr;
   NHA_CHECK(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1)
       << source << ": train.min_lr_ratio must be in [0, 1], got " << t.min_lr_ratio;
-  NHA_CHECK(t.warmup_steps >= 0) << source << ": train.warmup_steps must be >= 0";
   NHA_CHECK(t.decay_fraction > 0 && t.decay_fraction <= 1)
       << source << ": train.decay_fraction must be in (0, 1], got " << t.decay_fraction;
   NHA_CHECK(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1)
       << source << ": train.beta1/beta2 must be in [0, 1)";
-  NHA_CHECK(t.eps > 0) << source << ": train.eps must be positive";
-  NHA_CHECK(t.weight_decay >= 0) << source << ": train.weight_decay must be >= 0";
-  NHA_CHECK(t.dist_timeout_s > 0)
+  NHA_CHECK(std::isfinite(t.dist_timeout_s) && t.dist_timeout_s > 0)
       << source << ": train.dist_timeout_s must be positive, got " << t.dist_timeout_s
       << ". HINT: the default 600 s covers checkpoint writes on rank 0";
-  NHA_CHECK(t.dist_bucket_mb > 0)
-      << source << ": train.dist_bucket_mb must be positive, got " << t.dist_bucket_mb
+  NHA_CHECK(t.dist_bucket_mb > 0 && t.dist_bucket_mb <= 1 << 20)
+      << source << ": train.dist_bucket_mb must be in (0, 2^20], got " << t.dist_bucket_mb
       << ". HINT: 25 (PyTorch DDP's default) overlaps well";
   NHA_CHECK(t.precision == "auto" || t.precision == "bf16" || t.precision == "fp32")
       << source << ": train.precision is '" << t.precision << "'. HINT: use auto, bf16 or fp32";
@@ -337,8 +371,6 @@ void RunConfig::validate() const {
       << source << ": data.train is empty. HINT: point it at a directory made by `nha prepare`";
   NHA_CHECK(data.sampling == "random" || data.sampling == "document")
       << source << ": data.sampling is '" << data.sampling << "'. HINT: use random or document";
-  NHA_CHECK(checkpoint.keep_last >= 1) << source << ": checkpoint.keep_last must be >= 1";
-  NHA_CHECK(logging.interval >= 1) << source << ": logging.interval must be >= 1";
 }
 
 std::string to_yaml(const RunConfig& c) {

@@ -178,7 +178,7 @@ std::string describe_status(int status) {
 
 }  // namespace
 
-void run_local_ranks(int gpus, const std::string& run_dir) {
+int run_local_ranks(int gpus, const std::string& run_dir) {
   NHA_CHECK(gpus >= 2 && gpus <= kMaxLocalRanks) << "--gpus " << gpus << ": 2 .. " << kMaxLocalRanks;
   const std::vector<std::string> args = own_command_line();
   fs::create_directories(run_dir);
@@ -247,7 +247,7 @@ void run_local_ranks(int gpus, const std::string& run_dir) {
 
   // Wait for every rank. The first one to fail stops the others: without it they would wait in
   // their next collective until the watchdog's timeout.
-  int remaining = gpus, failed = -1;
+  int remaining = gpus, failed = -1, stopped = 0;
   std::string failure;
   double kill_at = -1;  // SIGKILL what is left at this time
   while (remaining > 0) {
@@ -268,7 +268,10 @@ void run_local_ranks(int gpus, const std::string& run_dir) {
     if (r == gpus) continue;
     g_children[r] = 0;
     --remaining;
-    const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    // A rank stopped by the Ctrl-C/SIGTERM we forwarded exits 128 + signal after its checkpoint.
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    if (code == 128 + SIGINT || code == 128 + SIGTERM) stopped = code;
+    const bool ok = code == 0 || code == stopped;
     if (!ok && failed < 0) {
       failed = r;
       failure = describe_status(status);
@@ -288,6 +291,7 @@ void run_local_ranks(int gpus, const std::string& run_dir) {
                         << "; the other ranks were stopped. HINT: its own error is printed above "
                         << "(it names 'rank " << failed << "'); resume from the last checkpoint "
                         << "with --resume (on any number of GPUs)";
+  return stopped;
 }
 
 // ---- gradient buckets ------------------------------------------------------------------------------

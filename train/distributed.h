@@ -80,8 +80,10 @@ void check_gpus_request(int gpus, int visible_gpus, const LaunchInfo& launch);
 // `--gpus N` in the parent: starts N copies of this process (the same command line, read from
 // /proc/self/cmdline) with rank_environment(r, N, RUN_DIR/.nccl-id.<pid>), forwards Ctrl-C/SIGTERM
 // to them, and waits. When a rank exits with an error or a signal, the others are stopped at once
-// (SIGTERM, then SIGKILL after 5 s) and an error names the rank that failed first.
-void run_local_ranks(int gpus, const std::string& run_dir);
+// (SIGTERM, then SIGKILL after 5 s) and an error names the rank that failed first. Returns 0, or
+// the status 128 + signal with which ranks stopped on a forwarded Ctrl-C/SIGTERM (after their
+// checkpoint; not a failure).
+int run_local_ranks(int gpus, const std::string& run_dir);
 
 // ---- gradient buckets ------------------------------------------------------------------------------
 

@@ -1,14 +1,21 @@
 #include "train/metrics.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <fstream>
 #include <filesystem>
 #include <sstream>
 #include <vector>
 
 #include "core/allocator.h"
 #include "core/error.h"
+#include "core/fileio.h"
 
 namespace nha {
 
@@ -103,18 +110,33 @@ void MetricsLog::open(const std::string& path, int64_t truncate_after_step) {
         keep.push_back(line);
       }
     }
-    std::ofstream rewrite(path, std::ios::trunc);
-    for (const std::string& l : keep) rewrite << l << "\n";
+    std::string kept;
+    for (const std::string& l : keep) kept += l + "\n";
+    write_file_atomic(path, kept);  // a crash now must not lose the records kept
   }
-  out_.open(path, std::ios::app);
-  NHA_CHECK(out_.good()) << "cannot open '" << path << "' for writing. HINT: check that the run "
-                         << "directory (logging.run_dir) is writable";
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  NHA_CHECK(fd_ >= 0) << "cannot open '" << path << "' for writing: " << std::strerror(errno)
+                      << ". HINT: check that the run directory (logging.run_dir) is writable";
+}
+
+MetricsLog::~MetricsLog() {
+  if (fd_ >= 0) ::close(fd_);
 }
 
 void MetricsLog::write(const nlohmann::json& record) {
-  if (!out_.is_open()) return;
-  out_ << record.dump() << "\n";
-  out_.flush();
+  if (fd_ < 0) return;
+  const std::string line = record.dump() + "\n";
+  const off_t before = ::lseek(fd_, 0, SEEK_END);
+  ssize_t w;
+  do {
+    w = ::write(fd_, line.data(), line.size());
+  } while (w < 0 && errno == EINTR);
+  if (w == ssize_t(line.size())) return;
+  const int err = w < 0 ? errno : ENOSPC;
+  if (w > 0 && before >= 0) (void)!::ftruncate(fd_, before);  // drop the partial record
+  NHA_FAIL() << "writing a record to '" << path_ << "' failed: " << std::strerror(err)
+             << " (the records before it are kept). HINT: is the disk full? Free space and "
+             << "continue with --resume";
 }
 
 }  // namespace nha

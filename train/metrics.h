@@ -9,7 +9,6 @@
 // MFU = FLOPs per token * tokens/s / peak; the peak is the H100/H200 dense bf16 figure 989e12.
 #pragma once
 #include <cstdint>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -41,20 +40,26 @@ std::string format_count(double n);
 std::string format_duration(double seconds);
 std::string format_bytes(double bytes);
 
-// Appends one JSON object per line to RUN_DIR/metrics.jsonl (flushed per record).
+// Appends one JSON object per line to RUN_DIR/metrics.jsonl: each record is one write(2) to the
+// file opened for appending, checked; a record the disk took only in part is cut off again and
+// the error names the file, so the log never holds a half record (a full disk used to cut it
+// silently).
 class MetricsLog {
  public:
   MetricsLog() = default;
+  ~MetricsLog();
+  MetricsLog(const MetricsLog&) = delete;
+  MetricsLog& operator=(const MetricsLog&) = delete;
   // Opens `path` for appending; with `truncate_after_step` >= 0 first drops the records whose
   // "step" is larger (a resumed run replaces what the interrupted run logged after its checkpoint).
   void open(const std::string& path, int64_t truncate_after_step = -1);
   void write(const nlohmann::json& record);
-  bool is_open() const { return out_.is_open(); }
+  bool is_open() const { return fd_ >= 0; }
   const std::string& path() const { return path_; }
 
  private:
   std::string path_;
-  std::ofstream out_;
+  int fd_ = -1;
 };
 
 }  // namespace nha

@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "autograd/node.h"
+#include "core/fileio.h"
 #include "data/mqar.h"
 #include "eval/mqar_eval.h"
 #include "train/autocast.h"
@@ -191,25 +192,28 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
                                                     std::numeric_limits<int64_t>::max());
 
   // Resume or start fresh.
-  const std::string latest = latest_checkpoint(config_.checkpoint.dir);
+  if (rank_ == 0)
+    for (const std::string& p : remove_stale_temp_files(config_.checkpoint.dir))
+      log_line("removed " + p + " (a checkpoint its writer did not finish)");
+  const auto checkpoints = list_checkpoints(config_.checkpoint.dir);
   if (options_.resume) {
-    NHA_CHECK(!latest.empty()) << "--resume: no checkpoint (step_*.h5) in '" << config_.checkpoint.dir
-                               << "'. HINT: start the run without --resume, or point "
-                               << "checkpoint.dir / logging.run_dir at the run to continue";
-    load_checkpoint(latest);
+    NHA_CHECK(!checkpoints.empty())
+        << "--resume: no checkpoint (step_*.h5) in '" << config_.checkpoint.dir
+        << "'. HINT: start the run without --resume, or point "
+        << "checkpoint.dir / logging.run_dir at the run to continue";
+    resume_from_newest_loadable(checkpoints);
   } else {
-    NHA_CHECK(latest.empty())
-        << "the run directory already holds checkpoints (newest: " << latest
+    NHA_CHECK(checkpoints.empty())
+        << "the run directory already holds checkpoints (newest: " << checkpoints.back().second
         << "). HINT: pass --resume to continue that run, or start a new one elsewhere with "
         << "--set logging.run_dir=runs/NEW (or delete " << config_.checkpoint.dir << ")";
   }
 
   if (options_.write_run_files && rank_ == 0) {
-    fs::create_directories(config_.logging.run_dir);
-    const std::string cfg_path = (fs::path(config_.logging.run_dir) / "config.yaml").string();
-    std::ofstream out(cfg_path, std::ios::trunc);
-    out << "# resolved config of " << src << " (every key, defaults filled in)\n" << to_yaml(config_);
-    NHA_CHECK(out.good()) << "cannot write '" << cfg_path << "'. HINT: is logging.run_dir writable?";
+    // Atomic and checked: a full disk must not leave a cut config.yaml for the next --resume.
+    write_file_atomic((fs::path(config_.logging.run_dir) / "config.yaml").string(),
+                      "# resolved config of " + src + " (every key, defaults filled in)\n" +
+                          to_yaml(config_));
     metrics_.open((fs::path(config_.logging.run_dir) / "metrics.jsonl").string(),
                   options_.resume ? step_ : -1);
   }
@@ -481,6 +485,27 @@ std::string Trainer::save_checkpoint() {
   // rank exits once the checkpoint exists).
   if (group_) group_->barrier("the barrier after the checkpoint of step " + std::to_string(step_));
   return path;
+}
+
+// A damaged newest checkpoint (disk error, a crash of the storage) must not end a run that has
+// older good ones: each failure is reported and the next older checkpoint tried. Every load
+// overwrites the whole state, so a failed attempt leaves nothing behind.
+void Trainer::resume_from_newest_loadable(
+    const std::vector<std::pair<int64_t, std::string>>& checkpoints) {
+  std::string newest_error;
+  for (auto it = checkpoints.rbegin(); it != checkpoints.rend(); ++it) {
+    try {
+      load_checkpoint(it->second);
+      if (!newest_error.empty())
+        log_line("warning: resumed from " + it->second + ", an older checkpoint: newer ones failed");
+      return;
+    } catch (const Error& e) {
+      log_line(std::string("warning: cannot resume from ") + it->second + ": " + e.what());
+      if (newest_error.empty()) newest_error = e.what();
+    }
+  }
+  NHA_FAIL() << "--resume: none of the " << checkpoints.size() << " checkpoints in '"
+             << config_.checkpoint.dir << "' loads; the newest failed with: " << newest_error;
 }
 
 void Trainer::load_checkpoint(const std::string& path) {

@@ -117,6 +117,8 @@ class Trainer {
   const std::string& run_dir() const { return config_.logging.run_dir; }
 
  private:
+  // Loads the newest of `checkpoints` (step, path; oldest first) that loads; says which failed.
+  void resume_from_newest_loadable(const std::vector<std::pair<int64_t, std::string>>& checkpoints);
   void log_line(const std::string& line);
   void setup_data();
   TrainState state() const;

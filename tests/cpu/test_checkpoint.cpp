@@ -2,6 +2,7 @@
 // behind, keep_last pruning, parameters-only export in f32 and bf16, mismatches explained.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -155,6 +156,30 @@ TEST_F(CheckpointTest, KeepLastPrunesOldest) {
   EXPECT_EQ(all[0].first, 7);
   EXPECT_EQ(all[1].first, 10);
   EXPECT_TRUE(fs::exists(dir_ + "/notes.h5"));
+  // A step beyond int64 is no name of ours: ignored (it used to end every run in `stoll`).
+  { std::ofstream(dir_ + "/step_99999999999999999999.h5") << "x"; }
+  EXPECT_EQ(list_checkpoints(dir_).size(), 2u);
+  // Temp files of writers that no longer run are removed; this process's are not.
+  const std::string own = dir_ + "/step_00000011.h5.tmp." + std::to_string(::getpid());
+  const std::string dead = dir_ + "/step_00000012.h5.tmp.2147483647";  // above any pid_max
+  { std::ofstream(own) << "being written"; }
+  { std::ofstream(dead) << "left by a killed writer"; }
+  const std::vector<std::string> stale = remove_stale_temp_files(dir_);
+  EXPECT_NE(std::find(stale.begin(), stale.end(), dead), stale.end());
+  EXPECT_FALSE(fs::exists(dead));
+  EXPECT_TRUE(fs::exists(own));
+}
+
+TEST_F(CheckpointTest, ExportRefusesToReplaceItsSource) {
+  LanguageModel model(tiny_model(8), 1);
+  const std::string path = checkpoint_path(dir_, 4);
+  save_checkpoint(path, model.named_parameters(), nullptr, TrainState{});
+  const std::string before = testing::read_file(path);
+  testing::expect_error([&] { export_parameters(path, path, DType::BF16); },
+                        {"is the checkpoint being exported", "HINT"});
+  testing::expect_error([&] { export_parameters(path, dir_ + "/./step_00000004.h5", DType::F32); },
+                        {"would be replaced"});
+  EXPECT_EQ(testing::read_file(path), before);
 }
 
 TEST_F(CheckpointTest, ExportF32IsExactAndBf16IsRounded) {
@@ -212,6 +237,10 @@ TEST_F(CheckpointTest, MismatchesAreExplained) {
   }
   EXPECT_THROW(read_train_state(dir_ + "/missing.h5"), Error);
   { std::ofstream(dir_ + "/garbage.h5") << "not hdf5"; }
+  testing::expect_error([&] { read_train_state(dir_ + "/garbage.h5"); },
+                        {"garbage.h5", "neither an integrity seal nor the HDF5 signature", "HINT"});
+  // Unsealed files (written before seals) go to HDF5 as they are; its errors name the call.
+  { std::ofstream(dir_ + "/garbage.h5") << "\x89HDF\r\n\x1a\nnot hdf5"; }
   try {
     read_train_state(dir_ + "/garbage.h5");
     ADD_FAILURE() << "garbage accepted";

@@ -129,6 +129,46 @@ TEST(Config, FamilyConfigsShareAParameterBudget) {
   EXPECT_EQ(big.model.mixers[0].slots, 64);
 }
 
+// Hostile numbers (issue 18): each refused with its key and a hint, before any product of sizes
+// is formed (micro_batch 2^62 overflowed micro_batch x seq_len and ended in SIGFPE).
+TEST(Config, NumbersOutOfRangeAreRefusedWithTheKey) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"train.micro_batch=4611686018427387904", "train.micro_batch"},
+      {"train.seq_len=-1", "train.seq_len"},
+      {"train.global_batch_tokens=9223372036854775807", "train.global_batch_tokens"},
+      {"train.steps=1e300", "train.steps"},
+      {"train.steps=1.5", "train.steps"},
+      {"train.steps=4611686018427387904", "train.steps"},
+      {"model.rope_base=0", "model.rope_base"},
+      {"model.rope_base=-5", "model.rope_base"},
+      {"model.init_std=.nan", "model.init_std"},
+      {"model.norm_eps=.inf", "model.norm_eps"},
+      {"model.mlp_hidden=-4", "model.mlp_hidden"},
+      {"model.vocab_size=4294967296", "model.vocab_size"},
+      {"model.mixer={type: nha, slots: -1}", "slots"},
+      {"train.eps=.inf", "train.eps"},
+      {"train.weight_decay=.inf", "train.weight_decay"},
+      {"train.lr=.inf", "train.lr"},
+      {"train.grad_clip=-1", "train.grad_clip"},
+      {"train.spike_factor=.nan", "train.spike_factor"},
+      {"train.max_bad_steps=0", "train.max_bad_steps"},
+      {"train.warmup_steps=-1", "train.warmup_steps"},
+      {"train.dist_timeout_s=.inf", "train.dist_timeout_s"},
+      {"eval.interval=-1", "eval.interval"},
+      {"eval.val_tokens=-1", "eval.val_tokens"},
+      {"checkpoint.interval=-1", "checkpoint.interval"},
+  };
+  for (const auto& [set, key] : cases) expect_error(kBase, {set}, {key, "HINT"});
+  // A --set path through a value, not a mapping: our message, not yaml-cpp's.
+  expect_error(kBase, {"train.lr=0.1", "train.lr.x=1"}, {"train.lr.x=1", "'lr' holds a value", "HINT"});
+  // Huge token counts give a positive step count (the rounding up used to overflow).
+  RunConfig c = parse_config(kBase, "t.yaml", {"train.steps=0", "train.tokens=1125899906842623"});
+  EXPECT_EQ(c.train.total_steps(), 1125899906842623 / 256 + 1);
+  // Plain integers beyond 2^53 are read exactly, not through a double.
+  RunConfig d = parse_config(kBase, "t.yaml", {"train.seed=9007199254740993"});
+  EXPECT_EQ(d.train.seed, 9007199254740993ULL);
+}
+
 TEST(Config, MoreRefusals) {
   expect_error(kBase, {"data.type=webtext"}, {"data.type", "HINT"});
   expect_error(kBase, {"data.sampling=shuffled"}, {"data.sampling", "HINT"});

@@ -12,6 +12,7 @@
 #include "data/loader.h"
 #include "data/prepare.h"
 #include "data/shards.h"
+#include "data/text_source.h"
 #include "data/tokenizer.h"
 
 namespace fs = std::filesystem;
@@ -49,6 +50,22 @@ const Tokenizer& tiny_tokenizer() {
 
 #define SKIP_WITHOUT_SHAKESPEARE()                                                 \
   if (shakespeare().empty()) GTEST_SKIP() << "../shared/data/text/tinyshakespeare.txt absent"
+
+TEST(DataText, InvalidUtf8IsFoundAtItsFirstByte) {
+  const size_t ok = std::string_view::npos;
+  EXPECT_EQ(invalid_utf8_offset(""), ok);
+  EXPECT_EQ(invalid_utf8_offset("plain ascii"), ok);
+  EXPECT_EQ(invalid_utf8_offset("caf\xc3\xa9 \xe4\xbd\xa0 \xf0\x9f\x99\x82 \xf4\x8f\xbf\xbf"), ok);
+  EXPECT_EQ(invalid_utf8_offset("caf\xe9"), 3u);                    // Latin-1
+  EXPECT_EQ(invalid_utf8_offset("ab\xc3"), 2u);                     // cut short
+  EXPECT_EQ(invalid_utf8_offset("\xc0\xaf"), 0u);                  // overlong '/'
+  EXPECT_EQ(invalid_utf8_offset("x\xe0\x80\xaf"), 1u);            // overlong, 3 bytes
+  EXPECT_EQ(invalid_utf8_offset("xy\xed\xa0\x80"), 2u);           // a UTF-16 surrogate
+  EXPECT_EQ(invalid_utf8_offset("\xf4\x90\x80\x80"), 0u);        // above U+10FFFF
+  EXPECT_EQ(invalid_utf8_offset("\xe4\xbd"), 0u);
+  EXPECT_EQ(invalid_utf8_offset("a\x80"), 1u);                      // a lone continuation byte
+  EXPECT_EQ(invalid_utf8_offset("\xe4\xbd\x41"), 0u);             // continuation missing
+}
 
 TEST(DataTokenizer, RoundTripAndSpecialIds) {
   SKIP_WITHOUT_SHAKESPEARE();
@@ -278,6 +295,13 @@ TEST(DataPrepare, RefusesBadInputs) {
 
   o.inputs = {dir + "/does-not-exist.txt"};
   expect_error([&] { prepare(tok, o); }, {"does-not-exist.txt", "HINT"});
+
+  // Latin-1 "café" on line 2: refused where it is, not rewritten to U+FFFD (docs/data.md).
+  write_file(dir + "/latin1.txt", "fine line\nun caf\xe9 noir\n");
+  o.inputs = {dir + "/latin1.txt"};
+  expect_error([&] { prepare(tok, o); },
+               {"latin1.txt", "line 2 byte 7", "file offset 16", "0xe9", "not UTF-8", "iconv"});
+  expect_error([&] { tok.encode("caf\xe9"); }, {"byte offset 3", "0xe9", "HINT"});
 
   write_file(dir + "/rows.jsonl", "{\"content\": \"hello there\"}\n");
   o.inputs = {dir + "/rows.jsonl"};

@@ -6,10 +6,12 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "common/testing.h"
 #include "data/tokenizer.h"
 #include "eval/loglik.h"
+#include "eval/runner.h"
 #include "eval/tasks.h"
 
 namespace nha::eval {
@@ -236,10 +238,39 @@ TEST_F(EvalTasks, BadInputsNameTheFileAndField) {
   testing::expect_error(
       [&] { run_task(resolve_task(bad + ":multiple_choice", dir_), uniform(), *tokenizer_, {}); },
       {"bad.jsonl", "gold"});
+  // A fractional or negative gold was truncated or wrapped around silently.
+  for (const char* gold : {"1.7", "-1"}) {
+    const std::string frac = write("frac.jsonl", std::string(R"({"query": "q", "choices": ["a", "b"], "gold": )") +
+                                                     gold + "}\n");
+    testing::expect_error(
+        [&] { run_task(resolve_task(frac + ":multiple_choice", dir_), uniform(), *tokenizer_, {}); },
+        {"frac.jsonl", "row 1", "'gold'", gold, "HINT"});
+  }
+  const std::string empty = write("empty.jsonl", R"({"context": "", "answer": "x"})" "\n");
+  testing::expect_error(
+      [&] { run_task(resolve_task(empty + ":contains", dir_), uniform(), *tokenizer_, {}); },
+      {"empty.jsonl", "row 1", "'context' is empty", "HINT"});
   testing::expect_error([&] { resolve_task("no_such_task", dir_); }, {"no_such_task", "HINT"});
   testing::expect_error(
       [&] { run_task(resolve_task("piqa", dir_ + "/missing"), uniform(), *tokenizer_, {}); },
       {"piqa.jsonl", "HINT"});
+}
+
+// A tokenizer other than the one the training shards were made with is refused (issue 18: the
+// perplexity changed silently).
+TEST_F(EvalTasks, TokenizerMustMatchTheShardsManifest) {
+  RunConfig c;
+  c.data.train = dir_ + "/shards";
+  fs::create_directories(c.data.train);
+  const std::string tok = dir_ + "/tok.model";
+  std::ofstream(c.data.train + "/manifest.json")
+      << nlohmann::json{{"tokenizer", {{"name", tok}, {"hash", tokenizer_->hash_hex()}}}}.dump();
+  EXPECT_EQ(load_tokenizer(c, "").hash_hex(), tokenizer_->hash_hex());
+  EXPECT_EQ(load_tokenizer(c, tok).hash_hex(), tokenizer_->hash_hex());
+  std::ofstream(c.data.train + "/manifest.json")
+      << nlohmann::json{{"tokenizer", {{"name", tok}, {"hash", "fnv1a64:0000000000000000"}}}}.dump();
+  testing::expect_error([&] { load_tokenizer(c, tok); },
+                        {"tok.model", "fnv1a64:0000000000000000", "not the one", "HINT"});
 }
 
 TEST(EvalReport, TableMarkdownJson) {

@@ -225,6 +225,31 @@ TEST_F(TrainerTest, ResumeIsBitwiseIdentical) {
   for (auto& [name, t] : fa) EXPECT_TRUE(bitwise_equal(t, fc.at(name))) << name;
 }
 
+// A damaged newest checkpoint: --resume says so and continues from the newest one that loads.
+TEST_F(TrainerTest, ResumeFallsBackToTheNewestCheckpointThatLoads) {
+  const std::vector<std::string> sets = {"checkpoint.interval=3"};
+  Trainer(config("run", sets)).train();
+  const std::string newest = root_ + "/run/checkpoints/step_00000006.h5";
+  std::string bytes = testing::read_file(newest);
+  ASSERT_FALSE(bytes.empty());
+  bytes[bytes.size() / 2] = char(bytes[bytes.size() / 2] ^ 1);
+  std::ofstream(newest, std::ios::binary | std::ios::trunc) << bytes;
+  std::ostringstream log;
+  TrainerOptions o;
+  o.resume = true;
+  o.log = &log;
+  Trainer resumed(config("run", sets), o);
+  EXPECT_EQ(resumed.step(), 3);
+  EXPECT_NE(log.str().find("cannot resume from " + newest), std::string::npos) << log.str();
+  EXPECT_NE(log.str().find("is damaged"), std::string::npos) << log.str();
+  EXPECT_NE(log.str().find("an older checkpoint"), std::string::npos) << log.str();
+  // With every checkpoint damaged the error names the newest's problem.
+  const std::string older = root_ + "/run/checkpoints/step_00000003.h5";
+  std::ofstream(older, std::ios::binary | std::ios::trunc) << bytes.substr(0, 100);
+  testing::expect_error([&] { Trainer again(config("run", sets), o); },
+                        {"none of the 2 checkpoints", newest, "is damaged"});
+}
+
 TEST_F(TrainerTest, NanGuardSkipsTheUpdateThenStops) {
   int64_t nan_from = 2, nan_until = 2;  // steps whose loss is poisoned
   TrainerOptions o;
