@@ -47,16 +47,32 @@
 //   un-shift: dk_j = dK'_{j+w}, ds_j = dS'v_{j+w} + dS'k_{j+w}, dg_j = dG'_{j+w}, dv_j += dV'_{j+w}
 // (the exponent base change is exact: 2^{log2(e) x} = e^x.)
 //
-// Implementation: every chunk kernel is one block of 256 threads per (chunk, b*h); the chunk's
-// rows live in shared memory (q, K', V', dO in the input dtype; everything else f32). Matrix
-// products run on one of two engines behind one interface (for_tiles_of + mm_acc): f32 FMA
-// register tiles (4x4 per thread; the f32 path, exact to f32 roundoff) or mma.sync tensor-core
-// strips of 16 x 32 (the bf16 path; "block matrix products on tensor cores" below says how f32
-// operands keep their precision, "sub-chunks" how the exp-weighted sums lm, W, dpm, dS', dA become
-// products). On the f32 path those sums take one exp2 per term. States, their gradients, logits,
-// softmax statistics and gate cumsums are f32 throughout; no float atomics anywhere
-// (deterministic). window >= T: memory is never written; the flash kernel runs with the M slots as
-// zero-logit, zero-value sinks (attention_forward_sinks).
+// Schedule (one launch per step; grid (N chunks, B*H); C = 64, D = 128, M = 64 in brackets):
+//   step  kernel                  block              shared memory (tensor-core path)
+//   (1)   nha_contrib_kernel      512 thr (TC) / 256 K', V' bf16 rows, S', B f32 rows      [66 KB]
+//   (2)   nha_scan_kernel         256 thr per 256 state elements of one b*h, serial over chunks
+//   (3)   nha_forward_kernel      512 / 256          q, K'->V', S', B, pm, A->W, + one staged
+//                                                    state (Hk, then Hv) as split bf16  [137 KB]
+//   (4)   nha_dlogits_kernel      512 / 256          + dO, lm, dpm                      [187 KB]
+//   (5)   nha_scan_kernel (reverse, carried dHk, dHv)
+//   (6)   nha_grads_kernel        512 / 256          q, K', V', dO, S', B, pm, dlm, X, A, E,
+//                                                    one staged state at a time         [225 KB]
+//   (7)   nha_scan_kernel (gate-term chunk totals) + nha_dg_kernel (elementwise)
+// Inside a chunk kernel: the chunk's rows are loaded once (16-byte global loads), B = the gate
+// cumsum (a warp-shuffle scan per column), then a sequence of block-wide products separated by
+// barriers. Each product runs on one of two engines behind one interface (for_tiles_of + mm_acc,
+// the epilogue written once): f32 FMA register tiles (4x4 per thread, 256 threads; the f32 path,
+// exact to f32 roundoff) or mma.sync m16n8k16 tensor-core strips (bf16 path, 16 warps): a warp
+// owns 16 rows x 32 columns of the result, its accumulators in registers, operand fragments
+// read from shared memory (bf16 inputs as bf16 pairs, staged states as split bf16 pairs, other f32
+// operands split when the fragment is built); "block matrix products on tensor cores" below says
+// how the f32 operands keep their precision, "sub-chunks" how the exp-weighted sums lm, W, dpm,
+// dS', dA become products (on the f32 path they take one exp2 per term). Global memory: the inputs
+// once per kernel, the states [B*H][N][2 D M] f32 written by (1)/(2) and read by (3), (4), (6);
+// pm, dlm, gate terms [B*H][T][M] f32 from (4) to (6). States, their gradients, logits, softmax
+// statistics and gate cumsums are f32 throughout; no float atomics anywhere (deterministic).
+// window >= T: memory is never written; the flash kernel runs with the M slots as zero-logit,
+// zero-value sinks (attention_forward_sinks).
 //
 // Supported: q, k, qr, kr, v, out, dout f32 or bf16 (one dtype), s, g (ds, dg) that dtype or f32;
 // head dim D a multiple of 8 in [8, 256]; slots M in [1, 128]; any T >= 1; B*H <= 65535.
