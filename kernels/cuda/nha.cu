@@ -56,7 +56,7 @@
 //   (4)   nha_dlogits_kernel      512 / 256          + dO, lm, dpm                      [187 KB]
 //   (5)   nha_scan_kernel (reverse, carried dHk, dHv)
 //   (6)   nha_grads_kernel        512 / 256          q, K', V', dO, S', B, pm, dlm, X, A, E,
-//                                                    one staged state at a time         [225 KB]
+//                                                    one staged state at a time         [220 KB]
 //   (7)   nha_scan_kernel (gate-term chunk totals) + nha_dg_kernel (elementwise)
 // Inside a chunk kernel: the chunk's rows are loaded once (16-byte global loads), B = the gate
 // cumsum (a warp-shuffle scan per column), then a sequence of block-wide products separated by
