@@ -21,7 +21,8 @@
 // are the shifted inputs K'_t = k_{t-w}, S'_t = s_{t-w}, G'_t = g_{t-w}, V'_t = v_{t-w} (0 for
 // t < w and t >= T). Inside chunk n (rows i, j; time t = nC + i):
 //   B_i = log2(e) * inclusive cumsum of G' (m-vector, log2 units so that every exp is an exp2)
-//   b = B_{C-1};  D_ij = 2^{B_i - B_j} (j <= i, <= 1: no 2^{-B} is ever formed alone)
+//   b = B_{C-1};  D_ij = 2^{B_i - B_j} (j <= i, <= 1: no 2^{-B} is ever formed alone; the
+//   tensor-core path forms bounded factors >= 1 inside a 16-row sub-chunk, see "sub-chunks")
 //   A_ij = scale q_i . K'_j (j <= i)
 //   lm_i = scale (q_i Hk_n) ⊙ 2^{B_i} + sum_{j<=i} A_ij S'_j ⊙ D_ij
 //   pm_i = softmax(lm_i), lse_m,i = logsumexp(lm_i)
@@ -102,6 +103,7 @@ template <bool kTc>
 constexpr int kThreads = kTc ? 512 : 256;
 constexpr int kTM = 4, kTN = 4;  // register tile of the block matrix products
 constexpr int kMaxM = 128, kMaxD = 256;
+constexpr int kMaxChunk = 64;  // chunk rows: 64, or 32 / 16 where shared memory needs it
 
 // ---- parameters shared by the chunk kernels --------------------------------------------------------
 struct NhaParams {
@@ -122,9 +124,10 @@ struct NhaParams {
 };
 
 __host__ __device__ constexpr size_t up16(size_t n) { return (n + 15) & ~size_t(15); }
-// Row stride (elements) of a state staged as bf16 with rows of X: a multiple of 8 plus 8, so bf16
-// pairs stay 4-byte aligned for any X and a warp's fragment loads (8 rows x 4 pairs) hit 32 banks.
-__host__ __device__ constexpr int stage_ld(int X) { return ((X + 7) & ~7) + 8; }
+// Row stride (elements) of a state staged as bf16 with rows of X: a multiple of 16 plus 8, so bf16
+// pairs stay 4-byte aligned for any X and a warp's fragment loads (8 rows x 4 pairs; the row
+// stride is 4 words mod 32 for X = 64 or 128, 28 for X = 40) fall on 32 different banks.
+__host__ __device__ constexpr int stage_ld(int X) { return ((X + 15) & ~15) + 8; }
 
 // Shared-memory layout of one chunk (host and device compute the same numbers).
 //   T-buffers [C][ldt] of the input dtype: ldt = D+1 (f32) or D+2 (bf16): an odd word stride, so
@@ -309,10 +312,9 @@ constexpr bool kIsSplitMat = std::is_same_v<std::decay_t<F>, SplitMat>;
 // Two f32 values as a bf16x2 register (low half = x0) and, when split, the rounding remainders.
 template <bool kSplit>
 __device__ __forceinline__ void to_bf16x2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
+  hi = pack_bf16(x0, x1);
   if constexpr (kSplit) {
-    const float2 f = __bfloat1622float2(h);
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hi));
     lo = pack_bf16(x0 - f.x, x1 - f.y);
   }
 }
@@ -368,6 +370,7 @@ __device__ __forceinline__ void mm_acc_range(float (&acc)[2][8], const TcTile& t
   // Operands in shared memory as bf16 (inputs, staged states) give their pairs directly.
   auto a_pair = [&](int v, int k, uint32_t& hi, uint32_t& lo) {
     if constexpr (kIsBf16Mat<FA>) {
+      static_assert(!kSplitA, "a bf16 input operand is exact: no split product");
       hi = bf16_pair<true>(a, tl.r[v], k, k, kend);
     } else if constexpr (kIsSplitMat<FA>) {
       static_assert(kSplitA, "a split operand needs the split product");
@@ -380,6 +383,7 @@ __device__ __forceinline__ void mm_acc_range(float (&acc)[2][8], const TcTile& t
   };
   auto b_pair = [&](int c, int k, uint32_t& hi, uint32_t& lo) {
     if constexpr (kIsBf16Mat<FB>) {
+      static_assert(!kSplitB, "a bf16 input operand is exact: no split product");
       hi = bf16_pair<false>(b, k, c, k, kend);
     } else if constexpr (kIsSplitMat<FB>) {
       static_assert(kSplitB, "a split operand needs the split product");
@@ -510,7 +514,7 @@ __device__ __forceinline__ void tri_pair(int p, int& i, int& j) {
 // N(-12, 2) loses ~35 per sub-chunk), and directly (one exp2 per term) where a sub-chunk's range
 // is larger. `direct` [C/16] holds that flag per sub-chunk.
 constexpr float kMaxSubchunkDecay = 64.f;
-constexpr size_t kStaticSmem = 64;  // the kernels' static shared memory (the sub-chunk flags)
+constexpr size_t kStaticSmem = 64;  // at least the kernels' static shared memory (sub-chunk flags)
 
 // direct[I] = 1 where sub-chunk I's decay range over any slot exceeds kMaxSubchunkDecay.
 // sB [C][lm1] holds B. All threads call it; ends with a barrier.
@@ -808,7 +812,7 @@ __global__ void __launch_bounds__(kThreads<kTc>)
   __syncthreads();
   gate_cumsum(sB, lm1, C, M);
   __syncthreads();
-  __shared__ int sDirect[4];  // sub-chunks whose own pairs are summed directly (tensor-core path)
+  __shared__ int sDirect[kMaxChunk / 16];  // sub-chunks summed directly (tensor-core path)
   if constexpr (kTc) subchunk_flags(sDirect, sB, L);
   const float* Hk = p.states + (int64_t(bh) * p.N + n) * p.E;
   const float* Hv = Hk + D * M;
@@ -901,7 +905,7 @@ __global__ void __launch_bounds__(kThreads<kTc>)
   __syncthreads();
   gate_cumsum(sB, lm1, C, M);
   __syncthreads();
-  __shared__ int sDirect[4];  // sub-chunks whose own pairs are summed directly (tensor-core path)
+  __shared__ int sDirect[kMaxChunk / 16];  // sub-chunks summed directly (tensor-core path)
   if constexpr (kTc) subchunk_flags(sDirect, sB, L);
   const float* Hk = p.states + (int64_t(bh) * p.N + n) * p.E;
   const float* Hv = Hk + D * M;
@@ -1056,7 +1060,7 @@ __global__ void __launch_bounds__(kThreads<kTc>)
   __syncthreads();
   gate_cumsum(sB, lm1, C, M);
   __syncthreads();
-  __shared__ int sDirect[4];  // sub-chunks whose own pairs are summed directly (tensor-core path)
+  __shared__ int sDirect[kMaxChunk / 16];  // sub-chunks summed directly (tensor-core path)
   if constexpr (kTc) subchunk_flags(sDirect, sB, L);
   const float* Hk = p.states + (int64_t(bh) * p.N + n) * p.E;
   const float* dHk = p.dstates + (int64_t(bh) * p.N + n) * p.E;
@@ -1337,7 +1341,7 @@ int choose_chunk(int dev, int D, int M, int tsize, bool tc) {
   const size_t limit = device_properties(dev).sharedMemPerBlockOptin;
   int forced = 0;
   if (const char* e = std::getenv("NHA_CUDA_NHA_CHUNK")) forced = std::atoi(e);
-  for (int C : {64, 32, 16}) {
+  for (int C : {kMaxChunk, kMaxChunk / 2, kMaxChunk / 4}) {
     if (forced > 0 && C > forced) continue;
     if (Layout(C, D, M, tsize, tc).max_bytes() + kStaticSmem <= limit) return C;
   }

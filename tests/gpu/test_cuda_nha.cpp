@@ -245,7 +245,9 @@ TEST(CudaNha, Bf16SmallChunksAndOddSlots) {
   }
   check_nha({2, 90, 2, 64, 3, DType::BF16, DType::BF16, 0}, 690, kBf16Tol, kBf16LseTol, &worst);
   check_nha({1, 130, 2, 32, 5, DType::BF16, DType::F32, 7}, 695, kBf16Tol, kBf16LseTol, &worst);
-  worst.print("bf16 chunks 16/32, odd M");
+  // D = 40: partial n8 tiles and a k range that ends inside a k16 step
+  check_nha({1, 90, 2, 40, 16, DType::BF16, DType::BF16, 5}, 697, kBf16Tol, kBf16LseTol, &worst);
+  worst.print("bf16 chunks 16/32, odd M, D = 40");
 }
 
 // The CUDA-core kernels (NHA_CUDA_NHA_FMA=1) stay correct for bf16: they are the comparison point.
@@ -276,6 +278,10 @@ TEST(CudaNha, TinyForRacecheck) {
   // the tensor-core path (bf16): sub-chunk products and their direct diagonal passes
   check_nha({1, 40, 1, 32, 8, DType::BF16, DType::BF16, 8}, 760, kBf16Tol, kBf16LseTol, nullptr);
   check_nha({1, 48, 1, 64, 16, DType::BF16, DType::F32, 0}, 770, kBf16Tol, kBf16LseTol, nullptr);
+  // every sub-chunk direct (extreme decay), over three 16-row chunks
+  ScopedEnv env("NHA_CUDA_NHA_CHUNK", "16");
+  check_nha({1, 48, 1, 32, 8, DType::BF16, DType::F32, 0, -60.0}, 780, kBf16Tol, kBf16LseTol,
+            nullptr);
 }
 
 TEST(CudaNha, BadShapesFailWithAMessage) {
