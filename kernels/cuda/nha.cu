@@ -393,7 +393,6 @@ __device__ __forceinline__ void mm_acc_range(float (&acc)[2][8], const TcTile& t
       to_bf16x2<kSplitB>(k < kend ? b(k, c) : 0.f, k + 1 < kend ? b(k + 1, c) : 0.f, hi, lo);
     }
   };
-#pragma unroll 2  // two k steps in flight: the fragment loads of one overlap the other's mma
   for (int k0 = kbeg; k0 < kend; k0 += 16) {
     uint32_t ah[4], al[4];
     a_pair(0, k0 + q2, ah[0], al[0]);
