@@ -214,11 +214,10 @@ __device__ __forceinline__ void mm_acc(float (&acc)[kTM][kTN], const Tile& tl, i
 
 // ---- block matrix products on tensor cores (the bf16 path) ---------------------------------------
 // The same contract as for_tiles / mm_acc, on mma.sync m16n8k16 (bf16 operands, f32 accumulators).
-// A warp owns a strip of 16 rows x 32 (or 16) columns (four or two n8 tiles); the thread's
-// accumulators are rows r[v] = r0 + g + 8v (g = lane/4) x columns c[u] = c0 + 8(u/2) + 2(lane%4)
-// + u%2, so an epilogue written for for_tiles (loops over kR x kC, rv/cv checks) serves both.
-// bc[n] = c0 + 8n + g are the columns whose B fragments the thread loads; nt = the strip's n8
-// tiles with any column inside.
+// A warp owns a strip of 16 rows x 32 columns (four n8 tiles); the thread's accumulators are rows
+// r[v] = r0 + g + 8v (g = lane/4) x columns c[u] = c0 + 8(u/2) + 2(lane%4) + u%2, so an epilogue
+// written for for_tiles (loops over kR x kC, rv/cv checks) serves both. bc[n] = c0 + 8n + g are the
+// columns whose B fragments the thread loads; nt = the n8 tiles with any column inside.
 //
 // Precision. Operands read from the bf16 inputs (q, k, v, dO) are exact in bf16. Every other operand
 // (states, gates, softmax weights, logit gradients, decay-weighted gates) is f32 and is split into
@@ -237,16 +236,13 @@ struct TcTile {
 template <class Body>
 __device__ __forceinline__ void for_tc_tiles(int R, int Cc, Body&& body) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-  const int g = lane >> 2, q2 = (lane & 3) * 2, nrs = (R + 15) / 16;
-  // Strips of 16 columns where 32-column strips would leave warps idle (e.g. a 64 x 64 product
-  // is 8 strips of 32 for 16 warps): more warps in flight, at the cost of building each A
-  // fragment twice as often.
-  const int width = nrs * ((Cc + 31) / 32) < nwarps ? 16 : 32, ncs = (Cc + width - 1) / width;
+  const int g = lane >> 2, q2 = (lane & 3) * 2;
+  const int ncs = (Cc + 31) / 32, nrs = (R + 15) / 16;
   for (int task = warp; task < nrs * ncs; task += nwarps) {
     TcTile tl;
     tl.r0 = (task / ncs) * 16;
-    tl.c0 = (task % ncs) * width;
-    tl.nt = min(width / 8, (Cc - tl.c0 + 7) / 8);
+    tl.c0 = (task % ncs) * 32;
+    tl.nt = min(4, (Cc - tl.c0 + 7) / 8);
 #pragma unroll
     for (int v = 0; v < TcTile::kR; ++v) {
       const int r = tl.r0 + g + 8 * v;
@@ -256,7 +252,7 @@ __device__ __forceinline__ void for_tc_tiles(int R, int Cc, Body&& body) {
 #pragma unroll
     for (int u = 0; u < TcTile::kC; ++u) {
       const int c = tl.c0 + 8 * (u >> 1) + q2 + (u & 1);
-      tl.cv[u] = (u >> 1) < tl.nt && c < Cc;
+      tl.cv[u] = c < Cc;
       tl.c[u] = c < Cc ? c : Cc - 1;
     }
 #pragma unroll
