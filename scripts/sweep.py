@@ -278,7 +278,17 @@ def main():
         sys.exit("sweep: --jobs must be >= 1")
     runs = plan(args)
     devices = [d for d in args.devices.split(",") if d]
-    todo = [(i, r) for i, r in enumerate(runs) if not os.path.exists(os.path.join(r[2], "done.json"))]
+    todo = []
+    for i, (config, point, run_dir) in enumerate(runs):
+        done_path = os.path.join(run_dir, "done.json")
+        if not os.path.exists(done_path):
+            todo.append((i, (config, point, run_dir)))
+            continue
+        with open(done_path) as f:
+            before = json.load(f).get("set")
+        if before != args.set:
+            print(f"sweep: note: {run_dir} finished with --set {before}, not {args.set}; kept "
+                  f"(delete its done.json to run it again)", flush=True)
     print(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run, "
           f"{args.jobs} at a time", flush=True)
     if args.dry_run:
@@ -296,7 +306,8 @@ def main():
                 i, (config, point, run_dir) = todo.pop(0)
                 device = devices[i % len(devices)] if devices else ""
                 proc, log = start_run(args, config, point, run_dir, device)
-                done = {"config": config, "overrides": point, "device": device or "auto"}
+                done = {"config": config, "overrides": point, "set": args.set,
+                        "device": device or "auto"}
                 running[proc] = (run_dir, done, log, time.time())
             time.sleep(0.5)
             for proc in [q for q in running if q.poll() is not None]:

@@ -46,12 +46,13 @@ class Sweep : public ::testing::Test {
     std::filesystem::permissions(dir_ + "/nha", std::filesystem::perms::owner_all);
     setenv("FAKE_NHA_LOG", (dir_ + "/calls.txt").c_str(), 1);
   }
-  // Runs the sweep over `lrs` x d_model {64, 128} of two configs; its exit status.
-  int sweep(const std::string& lrs) {
+  // Runs the sweep of one config over `lrs` x d_model {64, 128}; its exit status.
+  int sweep(const std::string& lrs, const std::string& steps = "5") {
     const std::string cmd = std::string("python3 ") + NHA_SOURCE_DIR + "/scripts/sweep.py --nha " +
                             dir_ + "/nha --out " + dir_ + "/out --jobs 3 --config a/one.yaml " +
                             "--grid train.lr=" + lrs + " --grid model.d_model=64,128 --set " +
-                            "train.steps=5 --eval mqar --x model.d_model > " + dir_ + "/log.txt 2>&1";
+                            "train.steps=" + steps + " --eval mqar --x model.d_model > " + dir_ +
+                            "/log.txt 2>&1";
     return std::system(cmd.c_str());
   }
   std::vector<std::string> calls() {
@@ -86,6 +87,9 @@ TEST_F(Sweep, RunsTheGridSkipsFinishedRunsAndCollects) {
 
   ASSERT_EQ(sweep("1e-3,3e-3"), 0);
   EXPECT_EQ(calls().size(), 4u) << "finished runs are skipped";
+  ASSERT_EQ(sweep("1e-3,3e-3", "6"), 0);
+  EXPECT_EQ(calls().size(), 4u) << "also when --set changed, with a note";
+  EXPECT_NE(testing::read_file(dir_ + "/log.txt").find("note: "), std::string::npos);
   std::filesystem::remove(out + "/one/train.lr=3e-3,model.d_model=128/done.json");
   ASSERT_EQ(sweep("1e-3,3e-3"), 0);
   ASSERT_EQ(calls().size(), 5u) << "a run without done.json runs again";
