@@ -36,19 +36,14 @@ void check_setting(const MqarOptions& o, const MqarSetting& s) {
 // "L<L>-K<K>[-N<N>][-V<V>]": one setting; V (default 8192) is the options' vocabulary.
 MqarSetting parse_single(const std::string& name, int64_t& vocab) {
   long long L = 0, K = 0, N = 1000, V = vocab;
-  int used = 0;
-  bool ok = std::sscanf(name.c_str(), "L%lld-K%lld%n", &L, &K, &used) == 2;
-  for (size_t at = size_t(used); ok && at < name.size();) {  // optional "-N<n>", then "-V<v>"
-    char field = 0;
-    long long x = 0;
-    int n = 0;
-    ok = std::sscanf(name.c_str() + at, "-%c%lld%n", &field, &x, &n) == 2 &&
-         ((field == 'N' && at == size_t(used)) || field == 'V');
-    if (ok) (field == 'N' ? N : V) = x;
-    at += size_t(n);
-  }
-  NHA_CHECK(ok) << "unknown MQAR preset '" << name
-                << "'. HINT: use train, zoology-train, test or L<len>-K<pairs>[-N<examples>][-V<vocab>]";
+  int at = 0, n = 0;
+  bool ok = std::sscanf(name.c_str(), "L%lld-K%lld%n", &L, &K, &at) == 2;
+  // The optional fields in this order, each at most once.
+  if (ok && std::sscanf(name.c_str() + at, "-N%lld%n", &N, &n) == 1) at += n;
+  if (ok && std::sscanf(name.c_str() + at, "-V%lld%n", &V, &n) == 1) at += n;
+  NHA_CHECK(ok && size_t(at) == name.size())
+      << "unknown MQAR preset '" << name
+      << "'. HINT: use train, zoology-train, test or L<len>-K<pairs>[-N<examples>][-V<vocab>]";
   vocab = V;
   return {L, K, N};
 }

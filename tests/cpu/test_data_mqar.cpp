@@ -81,6 +81,7 @@ TEST(DataMqar, ExamplesFollowTheZoologyDefinition) {
   EXPECT_THROW(mqar_preset("L64-K4-V64"), Error) << "V must exceed L";
   EXPECT_THROW(mqar_preset("L64-K4-V128-N20"), Error) << "N comes before V";
   EXPECT_THROW(mqar_preset("L64-K4-N20x"), Error);
+  EXPECT_THROW(mqar_preset("L64-K4-V128-V256"), Error);
   EXPECT_THROW(mqar_preset("L64-K32"), Error) << "4K > L";
   EXPECT_THROW(mqar_preset("L63-K4"), Error) << "odd L";
   EXPECT_THROW(mqar_preset("nonsense"), Error);
