@@ -217,7 +217,7 @@ void mqar_command(CLI::App& app) {
   auto show = std::make_shared<int64_t>(2);
   auto seed = std::make_shared<int64_t>(-1);
   CLI::App* c = app.add_subcommand("mqar", "show MQAR (Zoology) examples of a preset");
-  c->add_option("--preset", *preset, "train, zoology-train, test, or L<len>-K<pairs>[-N<n>]")
+  c->add_option("--preset", *preset, "train, zoology-train, test, or L<len>-K<pairs>[-N<n>][-V<vocab>]")
       ->capture_default_str();
   c->add_option("--show", *show, "examples to print")
       ->check(kNonNegative)

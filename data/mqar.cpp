@@ -33,19 +33,18 @@ void check_setting(const MqarOptions& o, const MqarSetting& s) {
   NHA_CHECK(s.num_examples >= 1) << "MQAR setting with " << s.num_examples << " examples";
 }
 
-MqarSetting parse_single(const std::string& name) {
-  // "L<L>-K<K>[-N<N>]"
-  long long L = 0, K = 0, N = 1000;
-  char tail = 0;
-  int got = std::sscanf(name.c_str(), "L%lld-K%lld-N%lld%c", &L, &K, &N, &tail);
-  if (got < 3) {
-    N = 1000;
-    got = std::sscanf(name.c_str(), "L%lld-K%lld%c", &L, &K, &tail);
-    NHA_CHECK(got == 2) << "unknown MQAR preset '" << name
-                        << "'. HINT: use train, zoology-train, test or L<len>-K<pairs>[-N<examples>]";
-  } else {
-    NHA_CHECK(got == 3) << "unknown MQAR preset '" << name << "'";
-  }
+// "L<L>-K<K>[-N<N>][-V<V>]": one setting; V (default 8192) is the options' vocabulary.
+MqarSetting parse_single(const std::string& name, int64_t& vocab) {
+  long long L = 0, K = 0, N = 1000, V = vocab;
+  int at = 0, n = 0;
+  bool ok = std::sscanf(name.c_str(), "L%lld-K%lld%n", &L, &K, &at) == 2;
+  // The optional fields in this order, each at most once.
+  if (ok && std::sscanf(name.c_str() + at, "-N%lld%n", &N, &n) == 1) at += n;
+  if (ok && std::sscanf(name.c_str() + at, "-V%lld%n", &V, &n) == 1) at += n;
+  NHA_CHECK(ok && size_t(at) == name.size())
+      << "unknown MQAR preset '" << name
+      << "'. HINT: use train, zoology-train, test or L<len>-K<pairs>[-N<examples>][-V<vocab>]";
+  vocab = V;
   return {L, K, N};
 }
 
@@ -66,7 +65,7 @@ MqarOptions mqar_preset(const std::string& name) {
                   {256, 64, 1000}, {512, 128, 1000}, {1024, 256, 1000}};
     o.seed = 1000;
   } else {
-    o.settings = {parse_single(name)};
+    o.settings = {parse_single(name, o.vocab_size)};
     o.seed = 0;
   }
   for (const MqarSetting& s : o.settings) check_setting(o, s);
@@ -74,7 +73,7 @@ MqarOptions mqar_preset(const std::string& name) {
 }
 
 std::vector<std::string> mqar_preset_names() {
-  return {"train", "zoology-train", "test", "L<len>-K<pairs>[-N<examples>]"};
+  return {"train", "zoology-train", "test", "L<len>-K<pairs>[-N<examples>][-V<vocab>]"};
 }
 
 void mqar_example(const MqarOptions& o, size_t setting, int64_t index, int32_t* inputs,

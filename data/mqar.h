@@ -44,7 +44,9 @@ struct MqarOptions {
 //   "zoology-train"  the above + (256, 32, 20k), (256, 64, 20k)   [Zoology's standard sweep], seed 0
 //   "test"           (64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256),
 //                    1000 examples each, seed 1000 (different examples from train)
-//   "L<L>-K<K>[-N<N>]" one setting, e.g. "L256-K16-N20000" (N default 1000), seed 0
+//   "L<L>-K<K>[-N<N>][-V<V>]" one setting, e.g. "L256-K16-N20000" (N default 1000), seed 0;
+//                    -V<V> changes the vocabulary (Zoology's sweeps vary it; a small one makes
+//                    CPU-sized experiments, e.g. "L64-K4-N20000-V256")
 MqarOptions mqar_preset(const std::string& name);
 std::vector<std::string> mqar_preset_names();
 

@@ -169,6 +169,34 @@ TEST(Config, NumbersOutOfRangeAreRefusedWithTheKey) {
   EXPECT_EQ(d.train.seed, 9007199254740993ULL);
 }
 
+// The MQAR study compares mixers under one recipe: the mqar-*.yaml configs differ only in their
+// mixers, and all tie the LM head to the embedding (Zoology's model; docs/eval.md says why).
+TEST(Config, MqarConfigsDifferOnlyInTheMixers) {
+  const std::string dir = std::string(NHA_SOURCE_DIR) + "/configs/mqar-";
+  auto recipe = [](RunConfig c) {  // everything but the mixers and the run's own directories
+    c.model.mixers.clear();
+    c.logging.run_dir = c.checkpoint.dir = "";
+    return to_yaml(c);
+  };
+  const RunConfig base = load_config(dir + "transformer.yaml");
+  EXPECT_TRUE(base.model.tie_embeddings);
+  const std::vector<std::pair<std::string, std::vector<MixerType>>> expected = {
+      {"transformer", {MixerType::Attention, MixerType::Attention}},
+      {"swa", {MixerType::Attention, MixerType::Attention}},
+      {"gsa", {MixerType::GSA, MixerType::GSA}},
+      {"gsa-h", {MixerType::GSA, MixerType::Attention}},
+      {"nha", {MixerType::NHA, MixerType::NHA}}};
+  for (const auto& [name, types] : expected) {
+    const RunConfig c = load_config(dir + name + ".yaml");
+    EXPECT_EQ(recipe(c), recipe(base)) << "mqar-" << name << ".yaml";
+    ASSERT_EQ(c.model.n_layers, int64_t(types.size())) << name;
+    for (int64_t l = 0; l < c.model.n_layers; ++l)
+      EXPECT_EQ(c.model.mixer(l).type, types[size_t(l)]) << name << " layer " << l;
+  }
+  EXPECT_EQ(load_config(dir + "swa.yaml").model.mixer(0).window, 32);
+  EXPECT_EQ(base.model.mixer(0).window, 0) << "full attention";
+}
+
 TEST(Config, MoreRefusals) {
   expect_error(kBase, {"data.type=webtext"}, {"data.type", "HINT"});
   expect_error(kBase, {"data.sampling=shuffled"}, {"data.sampling", "HINT"});

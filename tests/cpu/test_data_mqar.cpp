@@ -68,6 +68,20 @@ TEST(DataMqar, ExamplesFollowTheZoologyDefinition) {
   EXPECT_EQ(mqar_preset("zoology-train").settings.size(), 5u);
   MqarOptions one = mqar_preset("L512-K64-N50");
   EXPECT_EQ(one.settings[0].num_examples, 50);
+  EXPECT_EQ(one.vocab_size, 8192);
+  MqarOptions small = mqar_preset("L64-K4-N20-V256");
+  EXPECT_EQ(small.vocab_size, 256);
+  EXPECT_EQ(small.settings[0].num_examples, 20);
+  std::vector<int32_t> in(64), tg(64);
+  for (int64_t i = 0; i < 20; ++i) {
+    mqar_example(small, 0, i, in.data(), tg.data());
+    check_example(small, small.settings[0], in.data(), tg.data());
+  }
+  EXPECT_EQ(mqar_preset("L64-K4-V128").settings[0].num_examples, 1000) << "N is optional";
+  EXPECT_THROW(mqar_preset("L64-K4-V64"), Error) << "V must exceed L";
+  EXPECT_THROW(mqar_preset("L64-K4-V128-N20"), Error) << "N comes before V";
+  EXPECT_THROW(mqar_preset("L64-K4-N20x"), Error);
+  EXPECT_THROW(mqar_preset("L64-K4-V128-V256"), Error);
   EXPECT_THROW(mqar_preset("L64-K32"), Error) << "4K > L";
   EXPECT_THROW(mqar_preset("L63-K4"), Error) << "odd L";
   EXPECT_THROW(mqar_preset("nonsense"), Error);
