@@ -8,6 +8,8 @@
 
 #include "apps/cli.h"
 #include "core/error.h"
+#include "core/fileio.h"
+#include "core/profile.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/distributed.h"
@@ -87,6 +89,13 @@ void register_train_commands(CLI::App& app) {
         }
         if (launch.rank == 0)
           std::cout << "done: " << trainer.step() << " steps, run dir " << trainer.run_dir() << "\n";
+        // NHA_PROFILE=1: the CPU ops' times over the whole run (core/profile.h), also kept in the
+        // run dir beside metrics.jsonl.
+        if (profile::enabled() && launch.rank == 0) {
+          const std::string table = profile::table();
+          std::cout << "profile (" << trainer.step() << " steps, this process's CPU ops):\n" << table;
+          write_file_atomic((fs::path(trainer.run_dir()) / "profile.txt").string(), table);
+        }
       } catch (const Error& e) {
         if (!launch.distributed()) throw;
         // Name the rank: every rank prints its own error, and the launcher reports the first.

@@ -1,6 +1,7 @@
 // CPU activations: SiLU and SwiGLU, forward and backward (elementwise over any shape).
 #include <cmath>
 
+#include "core/profile.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace nha {
@@ -23,6 +24,7 @@ T silu_grad(T x) {
 
 // out = x * sigmoid(x)        x, out [n]
 void CpuBackend::silu_forward(Tensor& out, const Tensor& x) {
+  NHA_PROFILE_SCOPE("silu_forward");
   check_same_shape(out, x, "silu");
   dispatch_floating(x, "silu_forward", [&]<typename T>() {
     const T* px = x.data<T>();
@@ -35,6 +37,7 @@ void CpuBackend::silu_forward(Tensor& out, const Tensor& x) {
 
 // dx = dout * sigmoid(x) * (1 + x * (1 - sigmoid(x)))        dout, x, dx [n]
 void CpuBackend::silu_backward(Tensor& dx, const Tensor& dout, const Tensor& x) {
+  NHA_PROFILE_SCOPE("silu_backward");
   check_same_shape(dout, x, "silu backward");
   dispatch_floating(x, "silu_backward", [&]<typename T>() {
     const T *pg = dout.data<T>(), *px = x.data<T>();
@@ -47,6 +50,7 @@ void CpuBackend::silu_backward(Tensor& dx, const Tensor& dout, const Tensor& x) 
 
 // out = silu(gate) * up        gate, up, out [n]
 void CpuBackend::swiglu_forward(Tensor& out, const Tensor& gate, const Tensor& up) {
+  NHA_PROFILE_SCOPE("swiglu_forward");
   check_same_shape(gate, up, "swiglu");
   dispatch_floating(gate, "swiglu_forward", [&]<typename T>() {
     const T *pa = gate.data<T>(), *pb = up.data<T>();
@@ -60,6 +64,7 @@ void CpuBackend::swiglu_forward(Tensor& out, const Tensor& gate, const Tensor& u
 // dgate = dout * up * silu'(gate);  dup = dout * silu(gate)        all [n]
 void CpuBackend::swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dout, const Tensor& gate,
                                  const Tensor& up) {
+  NHA_PROFILE_SCOPE("swiglu_backward");
   check_same_shape(gate, up, "swiglu backward");
   check_same_shape(dout, gate, "swiglu backward");
   dispatch_floating(gate, "swiglu_backward", [&]<typename T>() {

@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "core/profile.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace nha {
@@ -68,6 +69,7 @@ Dims attention_dims(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
 
 void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                                    const Tensor& v, double scale, int64_t window) {
+  NHA_PROFILE_SCOPE("attention_forward");
   const Dims dims = attention_dims(q, k, v, lse, "attention_forward");
   check_same_shape(out, q, "attention_forward out");
   const int64_t B = dims.B, T = dims.T, H = dims.H, D = dims.D;
@@ -113,6 +115,7 @@ void CpuBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Te
                                     const Tensor& q, const Tensor& k, const Tensor& v,
                                     const Tensor& out, const Tensor& lse, double scale,
                                     int64_t window) {
+  NHA_PROFILE_SCOPE("attention_backward");
   const Dims dims = attention_dims(q, k, v, lse, "attention_backward");
   check_same_shape(dout, q, "attention_backward dout");
   check_same_shape(out, q, "attention_backward out");

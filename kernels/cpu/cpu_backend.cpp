@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "core/profile.h"
 #include "core/random.h"
 
 namespace nha {
@@ -18,12 +19,14 @@ Backend& cpu_backend() {
 
 void CpuBackend::copy_bytes(void* dst, Device dst_device, const void* src, Device src_device,
                             size_t nbytes) {
+  NHA_PROFILE_SCOPE("copy_bytes");
   NHA_CHECK(dst_device.is_cpu() && src_device.is_cpu())
       << "cpu backend asked to copy " << src_device.str() << " -> " << dst_device.str();
   if (nbytes) std::memcpy(dst, src, nbytes);
 }
 
 void CpuBackend::copy_strided(Tensor& out, const Tensor& in) {
+  NHA_PROFILE_SCOPE("copy_strided");
   check_same_shape(out, in, "copy_strided");
   const size_t esize = dtype_size(in.dtype());
   const int64_t n = in.numel(), nd = in.dim();
@@ -67,6 +70,7 @@ void store_double(void* p, DType t, int64_t i, double v) {
 }  // namespace
 
 void CpuBackend::fill(Tensor& out, double value) {
+  NHA_PROFILE_SCOPE("fill");
   const int64_t n = out.numel();
   void* p = out.data_ptr();
   DType t = out.dtype();
@@ -75,6 +79,7 @@ void CpuBackend::fill(Tensor& out, double value) {
 }
 
 void CpuBackend::cast(Tensor& out, const Tensor& in) {
+  NHA_PROFILE_SCOPE("cast");
   check_same_shape(out, in, "cast");
   const int64_t n = in.numel();
   const void* src = in.data_ptr();
@@ -90,6 +95,7 @@ void CpuBackend::cast(Tensor& out, const Tensor& in) {
 }
 
 void CpuBackend::fill_normal(Tensor& out, uint64_t seed, uint64_t offset, double std) {
+  NHA_PROFILE_SCOPE("fill_normal");
   const int64_t n = out.numel();
   void* p = out.data_ptr();
   DType t = out.dtype();
@@ -98,6 +104,7 @@ void CpuBackend::fill_normal(Tensor& out, uint64_t seed, uint64_t offset, double
 }
 
 void CpuBackend::fill_uniform(Tensor& out, uint64_t seed, uint64_t offset, double lo, double hi) {
+  NHA_PROFILE_SCOPE("fill_uniform");
   const int64_t n = out.numel();
   void* p = out.data_ptr();
   DType t = out.dtype();
@@ -108,6 +115,7 @@ void CpuBackend::fill_uniform(Tensor& out, uint64_t seed, uint64_t offset, doubl
 // ---- elementwise --------------------------------------------------------------------------------
 
 void CpuBackend::add(Tensor& out, const Tensor& a, const Tensor& b, double alpha, double beta) {
+  NHA_PROFILE_SCOPE("add");
   check_same_shape(a, b, "add");
   dispatch_floating(a, "add", [&]<typename T>() {
     const T *pa = a.data<T>(), *pb = b.data<T>();
@@ -120,6 +128,7 @@ void CpuBackend::add(Tensor& out, const Tensor& a, const Tensor& b, double alpha
 }
 
 void CpuBackend::mul(Tensor& out, const Tensor& a, const Tensor& b) {
+  NHA_PROFILE_SCOPE("mul");
   check_same_shape(a, b, "mul");
   dispatch_floating(a, "mul", [&]<typename T>() {
     const T *pa = a.data<T>(), *pb = b.data<T>();
@@ -131,6 +140,7 @@ void CpuBackend::mul(Tensor& out, const Tensor& a, const Tensor& b) {
 }
 
 void CpuBackend::scale(Tensor& out, const Tensor& a, double s) {
+  NHA_PROFILE_SCOPE("scale");
   dispatch_floating(a, "scale", [&]<typename T>() {
     const T* pa = a.data<T>();
     T* po = out.data<T>();
@@ -144,6 +154,7 @@ void CpuBackend::scale(Tensor& out, const Tensor& a, double s) {
 // ---- reductions ---------------------------------------------------------------------------------
 
 void CpuBackend::sum_dim(Tensor& out, const Tensor& in, int64_t outer, int64_t n, int64_t inner) {
+  NHA_PROFILE_SCOPE("sum_dim");
   dispatch_floating(in, "sum_dim", [&]<typename T>() {
     const T* x = in.data<T>();
     T* y = out.data<T>();
@@ -160,6 +171,7 @@ void CpuBackend::sum_dim(Tensor& out, const Tensor& in, int64_t outer, int64_t n
 
 void CpuBackend::broadcast_dim(Tensor& out, const Tensor& in, int64_t outer, int64_t n,
                                int64_t inner) {
+  NHA_PROFILE_SCOPE("broadcast_dim");
   dispatch_floating(in, "broadcast_dim", [&]<typename T>() {
     const T* x = in.data<T>();
     T* y = out.data<T>();
@@ -171,6 +183,7 @@ void CpuBackend::broadcast_dim(Tensor& out, const Tensor& in, int64_t outer, int
 }
 
 void CpuBackend::sum_squares(Tensor& out, const Tensor& x) {
+  NHA_PROFILE_SCOPE("sum_squares");
   dispatch_floating(x, "sum_squares", [&]<typename T>() {
     const T* p = x.data<T>();
     const int64_t n = x.numel();
@@ -185,6 +198,7 @@ void CpuBackend::sum_squares(Tensor& out, const Tensor& x) {
 
 void CpuBackend::gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                       double alpha, double beta) {
+  NHA_PROFILE_SCOPE("gemm");
   NHA_CHECK(a.dim() == b.dim() && a.dim() == c.dim() && (a.dim() == 2 || a.dim() == 3))
       << "gemm wants 2-D or 3-D operands of equal rank, got " << a.str() << ", " << b.str()
       << ", " << c.str();

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/profile.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace nha {
@@ -38,6 +39,7 @@ double logsumexp(const T* x, int64_t V) {
 //   logits [N, V]; targets [N] (i32/i64); losses [N]
 void CpuBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets,
                                        int64_t ignore_index) {
+  NHA_PROFILE_SCOPE("cross_entropy_forward");
   const int64_t N = logits.size(0), V = logits.size(1);
   check_targets(targets, N, V, ignore_index);
   dispatch_floating(logits, "cross_entropy_forward", [&]<typename T>() {
@@ -57,6 +59,7 @@ void CpuBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits, con
 void CpuBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
                                         const Tensor& targets, const Tensor& dlosses,
                                         int64_t ignore_index) {
+  NHA_PROFILE_SCOPE("cross_entropy_backward");
   const int64_t N = logits.size(0), V = logits.size(1);
   check_targets(targets, N, V, ignore_index);
   dispatch_floating(logits, "cross_entropy_backward", [&]<typename T>() {

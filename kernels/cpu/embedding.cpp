@@ -1,6 +1,7 @@
 // CPU embedding lookup: forward (row gather) and backward (deterministic row scatter-add).
 #include <algorithm>
 
+#include "core/profile.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace nha {
@@ -20,13 +21,14 @@ void check_ids_in_vocab(const Tensor& ids, int64_t V) {
 }
 
 // Columns of dtable one thread owns in the backward.
-constexpr int64_t kColumnBlock = 64;
+constexpr int64_t kDtableColumnBlock = 64;
 
 }  // namespace
 
 // out[n, c] = table[ids[n], c]
 //   table [V, C]; ids [N] (any shape with N elements, i32/i64); out [N, C]
 void CpuBackend::embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) {
+  NHA_PROFILE_SCOPE("embedding_forward");
   const int64_t V = table.size(0), C = table.size(1), N = ids.numel();
   NHA_CHECK(out.numel() == N * C) << "embedding: out " << out.str() << " does not hold "
                                   << N << " rows of " << C;
@@ -48,6 +50,7 @@ void CpuBackend::embedding_forward(Tensor& out, const Tensor& table, const Tenso
 // n = 0..N-1, so every sum is taken in the same order whatever the thread count (deterministic,
 // no atomics).
 void CpuBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) {
+  NHA_PROFILE_SCOPE("embedding_backward");
   const int64_t V = dtable.size(0), C = dtable.size(1), N = ids.numel();
   NHA_CHECK(dout.numel() == N * C) << "embedding backward: dout " << dout.str() << " does not hold "
                                    << N << " rows of " << C;
@@ -55,10 +58,10 @@ void CpuBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const Te
   dispatch_floating(dtable, "embedding_backward", [&]<typename T>() {
     const T* g = dout.data<T>();  // [N, C]
     T* dt = dtable.data<T>();     // [V, C]
-    const int64_t blocks = (C + kColumnBlock - 1) / kColumnBlock;
+    const int64_t blocks = (C + kDtableColumnBlock - 1) / kDtableColumnBlock;
 #pragma omp parallel for schedule(static) if ((N + V) * C > 65536)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t c0 = b * kColumnBlock, c1 = std::min(C, c0 + kColumnBlock);
+      const int64_t c0 = b * kDtableColumnBlock, c1 = std::min(C, c0 + kDtableColumnBlock);
       for (int64_t v = 0; v < V; ++v) std::fill(dt + v * C + c0, dt + v * C + c1, T(0));
       for (int64_t n = 0; n < N; ++n) {
         T* row = dt + id_at(ids, n) * C;

@@ -23,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "core/profile.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace nha {
@@ -446,6 +447,7 @@ inline bool worth_threading(const NhaDims& d, int64_t w) {
 void CpuBackend::nha_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                              const Tensor& qr, const Tensor& kr, const Tensor& v, const Tensor& s,
                              const Tensor& g, double scale, int64_t window) {
+  NHA_PROFILE_SCOPE("nha_forward");
   const NhaDims d = nha_dims(q, k, qr, kr, v, s, g, "nha_forward");
   check_same_shape(out, v, "nha_forward out");
   check_one_dtype(q, {&out}, "nha_forward");
@@ -472,6 +474,7 @@ void CpuBackend::nha_backward(Tensor& dq, Tensor& dk, Tensor& dqr, Tensor& dkr, 
                               const Tensor& k, const Tensor& qr, const Tensor& kr, const Tensor& v,
                               const Tensor& s, const Tensor& g, const Tensor& out,
                               const Tensor& lse, double scale, int64_t window) {
+  NHA_PROFILE_SCOPE("nha_backward");
   const NhaDims d = nha_dims(q, k, qr, kr, v, s, g, "nha_backward");
   check_same_shape(dout, v, "nha_backward dout");
   check_same_shape(out, v, "nha_backward out");
@@ -508,6 +511,7 @@ void CpuBackend::nha_backward(Tensor& dq, Tensor& dk, Tensor& dqr, Tensor& dkr, 
 
 // g = logsigmoid(f) / 8 = (min(f, 0) - log1p(e^{-|f|})) / 8 (stable for any f);  s = 1 - e^g.
 void CpuBackend::nha_gate_forward(Tensor& g, Tensor& s, const Tensor& f) {
+  NHA_PROFILE_SCOPE("nha_gate_forward");
   check_same_shape(g, f, "nha_gate_forward g");
   check_same_shape(s, f, "nha_gate_forward s");
   check_one_dtype(f, {&g, &s}, "nha_gate_forward");
@@ -528,6 +532,7 @@ void CpuBackend::nha_gate_forward(Tensor& g, Tensor& s, const Tensor& f) {
 // df = (dg - e^g ds) * sigmoid(-f) / 8
 void CpuBackend::nha_gate_backward(Tensor& df, const Tensor& dg, const Tensor& ds,
                                    const Tensor& f) {
+  NHA_PROFILE_SCOPE("nha_gate_backward");
   check_same_shape(df, f, "nha_gate_backward df");
   check_same_shape(dg, f, "nha_gate_backward dg");
   check_same_shape(ds, f, "nha_gate_backward ds");

@@ -3,6 +3,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "core/profile.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace nha {
@@ -39,6 +40,7 @@ inline void adamw_element(T& p, T& m, T& v, double g, const AdamWConstants& k, d
 void CpuBackend::adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, double lr,
                             double beta1, double beta2, double eps, double weight_decay,
                             int64_t step) {
+  NHA_PROFILE_SCOPE("adamw_step");
   check_same_shape(grad, param, "adamw_step grad");
   check_same_shape(m, param, "adamw_step m");
   check_same_shape(v, param, "adamw_step v");
@@ -66,6 +68,7 @@ void CpuBackend::adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor
 void CpuBackend::adamw_step_flat(Tensor& params, const Tensor& grads, Tensor& m, Tensor& v,
                                  Tensor& copy, const Tensor& segments, double lr, double beta1,
                                  double beta2, double eps, double weight_decay, int64_t step) {
+  NHA_PROFILE_SCOPE("adamw_step_flat");
   const int64_t total = params.numel();
   for (const Tensor* t : std::initializer_list<const Tensor*>{&grads, &m, &v})
     NHA_CHECK(t->dim() == 1 && t->numel() == total && t->dtype() == params.dtype())

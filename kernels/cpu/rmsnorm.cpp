@@ -2,13 +2,14 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/profile.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace nha {
 
 namespace {
 // Columns of dw one thread owns in the backward (rows are read in contiguous chunks of this).
-constexpr int64_t kColumnBlock = 64;
+constexpr int64_t kDwColumnBlock = 64;
 }  // namespace
 
 // rstd[n] = 1 / sqrt(mean_c x[n,c]^2 + eps);  out[n,c] = x[n,c] * rstd[n] * w[c]
@@ -16,6 +17,7 @@ constexpr int64_t kColumnBlock = 64;
 // The sum of squares is accumulated in double.
 void CpuBackend::rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
                                  double eps) {
+  NHA_PROFILE_SCOPE("rmsnorm_forward");
   const int64_t C = x.size(-1), N = x.numel() / C;
   NHA_CHECK(w.numel() == C && rstd.numel() == N)
       << "rmsnorm: x " << x.str() << ", weight " << w.str() << ", rstd " << rstd.str();
@@ -42,6 +44,7 @@ void CpuBackend::rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, con
 // both reductions accumulate in double.
 void CpuBackend::rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, const Tensor& x,
                                   const Tensor& w, const Tensor& rstd) {
+  NHA_PROFILE_SCOPE("rmsnorm_backward");
   const int64_t C = x.size(-1), N = x.numel() / C;
   dispatch_floating(x, "rmsnorm_backward", [&]<typename T>() {
     const T *pg = dout.data<T>(), *px = x.data<T>();  // [N, C]
@@ -57,11 +60,11 @@ void CpuBackend::rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, co
       for (int64_t c = 0; c < C; ++c)
         pdx[n * C + c] = T(r * (double(pw[c]) * double(g[c]) - double(xr[c]) * r * m));
     }
-    const int64_t blocks = (C + kColumnBlock - 1) / kColumnBlock;
+    const int64_t blocks = (C + kDwColumnBlock - 1) / kDwColumnBlock;
 #pragma omp parallel for schedule(static) if (N * C > 16384)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t c0 = b * kColumnBlock, c1 = std::min(C, c0 + kColumnBlock);
-      double acc[kColumnBlock] = {};
+      const int64_t c0 = b * kDwColumnBlock, c1 = std::min(C, c0 + kDwColumnBlock);
+      double acc[kDwColumnBlock] = {};
       for (int64_t n = 0; n < N; ++n)
         for (int64_t c = c0; c < c1; ++c)
           acc[c - c0] += double(pg[n * C + c]) * double(px[n * C + c]) * double(pr[n]);
@@ -76,6 +79,7 @@ void CpuBackend::rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout, co
 //   x, delta, h, out [N, C]; w [C]; rstd [N]
 void CpuBackend::add_rmsnorm_forward(Tensor& h, Tensor& out, Tensor& rstd, const Tensor& x,
                                      const Tensor& delta, const Tensor& w, double eps) {
+  NHA_PROFILE_SCOPE("add_rmsnorm_forward");
   check_same_shape(delta, x, "add_rmsnorm delta");
   check_same_shape(h, x, "add_rmsnorm h");
   add(h, x, delta, 1.0, 1.0);
@@ -87,6 +91,7 @@ void CpuBackend::add_rmsnorm_forward(Tensor& h, Tensor& out, Tensor& rstd, const
 void CpuBackend::add_rmsnorm_backward(Tensor& dx, Tensor& dw, const Tensor& dout,
                                       const Tensor& dh, const Tensor& h, const Tensor& w,
                                       const Tensor& rstd) {
+  NHA_PROFILE_SCOPE("add_rmsnorm_backward");
   check_same_shape(dh, h, "add_rmsnorm_backward dh");
   rmsnorm_backward(dx, dw, dout, h, w, rstd);
   add(dx, dx, dh, 1.0, 1.0);

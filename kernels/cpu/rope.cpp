@@ -2,6 +2,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/profile.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace nha {
@@ -12,6 +13,7 @@ namespace nha {
 //   x, out [B, T, H, D]
 // cos/sin are computed once per (t, i) in double and shared by every batch row and head.
 void CpuBackend::rope(Tensor& out, const Tensor& x, double base, int64_t start_pos, bool inverse) {
+  NHA_PROFILE_SCOPE("rope");
   NHA_CHECK(x.dim() == 4) << "rope wants x [B, T, H, D], got " << x.str();
   check_same_shape(out, x, "rope");
   const int64_t B = x.size(0), T_ = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/profile.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace nha {
@@ -10,6 +11,7 @@ namespace nha {
 //   x, out [N, C] (any leading shape flattened to N rows)
 // Subtracting the row max keeps exp() <= 1 (no overflow); the sum is accumulated in double.
 void CpuBackend::softmax_forward(Tensor& out, const Tensor& x) {
+  NHA_PROFILE_SCOPE("softmax_forward");
   check_same_shape(out, x, "softmax");
   const int64_t C = x.size(-1), N = x.numel() / C;
   dispatch_floating(x, "softmax_forward", [&]<typename T>() {
@@ -34,6 +36,7 @@ void CpuBackend::softmax_forward(Tensor& out, const Tensor& x) {
 // dx[n,c] = out[n,c] * (dout[n,c] - sum_c' dout[n,c'] out[n,c'])
 //   dout, out, dx [N, C]; the row dot product is accumulated in double.
 void CpuBackend::softmax_backward(Tensor& dx, const Tensor& dout, const Tensor& out) {
+  NHA_PROFILE_SCOPE("softmax_backward");
   check_same_shape(dout, out, "softmax backward");
   const int64_t C = out.size(-1), N = out.numel() / C;
   dispatch_floating(out, "softmax_backward", [&]<typename T>() {
@@ -51,6 +54,7 @@ void CpuBackend::softmax_backward(Tensor& dx, const Tensor& dout, const Tensor& 
 
 // out[n] = first c with x[n,c] = max_c' x[n,c']     x [N, C]; out [N] i64
 void CpuBackend::argmax(Tensor& out, const Tensor& x) {
+  NHA_PROFILE_SCOPE("argmax");
   check_dtype(out, DType::I64, "argmax output");
   const int64_t C = x.size(-1), N = x.numel() / C;
   NHA_CHECK(out.numel() == N) << "argmax: output " << out.str() << " for " << N << " rows";

@@ -1,6 +1,8 @@
 // Tensor core: shapes, views, dtypes, RNG, errors.
 #include "common/testing.h"
+#include "core/profile.h"
 #include "core/random.h"
+#include "kernels/backend.h"
 
 namespace nha {
 namespace {
@@ -104,6 +106,30 @@ TEST(Random, SkipInitLeavesTensorsUnfilledAndTheStreamUnchanged) {
   // Later draws are the same with and without the skip, and the guard is gone.
   EXPECT_EQ(Tensor::randn({100}, skipping).to_vector<float>(),
             Tensor::randn({100}, plain).to_vector<float>());
+}
+
+TEST(Profile, CollectsCpuOpsOnlyWhenOn) {
+  Tensor a = Tensor::full({4, 8}, 1.0), b = Tensor::full({8, 3}, 2.0);
+  Tensor c = Tensor::empty({4, 3}, DType::F32, Device::cpu());
+  profile::set_enabled(false);
+  profile::reset();
+  backend_for(c).gemm(c, a, b, false, false, 1.0, 0.0);
+  EXPECT_TRUE(profile::entries().empty()) << "off, a scope records nothing";
+
+  profile::set_enabled(true);
+  backend_for(c).gemm(c, a, b, false, false, 1.0, 0.0);
+  backend_for(c).gemm(c, a, b, false, false, 1.0, 0.0);
+  backend_for(c).scale(c, c, 0.5);
+  profile::set_enabled(false);
+  const std::vector<profile::Entry> entries = profile::entries();
+  ASSERT_EQ(entries.size(), 2u);
+  for (const profile::Entry& e : entries) {
+    EXPECT_TRUE(e.name == "gemm" || e.name == "scale") << e.name;
+    EXPECT_EQ(e.calls, e.name == "gemm" ? 2 : 1) << e.name;
+    EXPECT_GE(e.seconds, 0.0);
+  }
+  EXPECT_NE(profile::table().find("gemm"), std::string::npos);
+  profile::reset();
 }
 
 TEST(Errors, NameFileLineAndMessage) {
