@@ -2,13 +2,23 @@
 #include "kernels/cpu/cpu_backend.h"
 
 #include <cblas.h>
+#include <omp.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/profile.h"
 #include "core/random.h"
 
 namespace nha {
+
+namespace {
+// Multiply-adds of one gemm call below which its parallel region costs more than it saves.
+constexpr int64_t kGemmThreadingMacs = int64_t(1) << 18;
+}  // namespace
+
+// gemm threads over its own tasks and calls OpenBLAS inside them, so OpenBLAS stays on one thread.
+CpuBackend::CpuBackend() { openblas_set_num_threads(1); }
 
 Backend& cpu_backend() {
   static CpuBackend backend;
@@ -216,16 +226,30 @@ void CpuBackend::gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
   const int64_t a_step = a_batch == 1 ? 0 : M * K, b_step = b_batch == 1 ? 0 : K * N;
   const auto ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
   const int64_t lda = a.size(-1), ldb = b.size(-1);
+  // OpenBLAS runs on one thread (the constructor): its own thread pool would share the cores with
+  // OpenMP's threads, which spin for a while after every parallel region (docs/training.md, CPU
+  // profile). The backend's OpenMP threads split the product instead, into tasks of (batch index,
+  // block of rows of c): one single-threaded GEMM each, on rows of c no other task writes.
+  const int64_t threads = omp_get_max_threads();
+  const bool threaded = threads > 1 && batch * M * N * K >= kGemmThreadingMacs;
+  const int64_t row_blocks =
+      threaded && batch < threads ? std::min(M, (threads + batch - 1) / batch) : 1;
+  const int64_t block_rows = (M + row_blocks - 1) / row_blocks;
   dispatch_floating(c, "gemm", [&]<typename T>() {
-    for (int64_t i = 0; i < batch; ++i) {
-      const T* pa = a.data<T>() + i * a_step;
+#pragma omp parallel for schedule(static) if (threaded)
+    for (int64_t task = 0; task < batch * row_blocks; ++task) {
+      const int64_t i = task / row_blocks, r0 = (task % row_blocks) * block_rows;
+      const int64_t rows = std::min(block_rows, M - r0);
+      if (rows <= 0) continue;
+      // Rows r0.. of op(a): rows of a, or columns of a when it is transposed ([K, M]).
+      const T* pa = a.data<T>() + i * a_step + (trans_a ? r0 : r0 * lda);
       const T* pb = b.data<T>() + i * b_step;
-      T* pc = c.data<T>() + i * M * N;
+      T* pc = c.data<T>() + i * M * N + r0 * N;
       if constexpr (std::is_same_v<T, float>)
-        cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, float(alpha), pa, lda, pb, ldb, float(beta),
-                    pc, N);
+        cblas_sgemm(CblasRowMajor, ta, tb, rows, N, K, float(alpha), pa, lda, pb, ldb,
+                    float(beta), pc, N);
       else
-        cblas_dgemm(CblasRowMajor, ta, tb, M, N, K, alpha, pa, lda, pb, ldb, beta, pc, N);
+        cblas_dgemm(CblasRowMajor, ta, tb, rows, N, K, alpha, pa, lda, pb, ldb, beta, pc, N);
     }
   });
 }

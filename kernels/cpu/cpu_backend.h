@@ -7,6 +7,7 @@ namespace nha {
 
 class CpuBackend final : public Backend {
  public:
+  CpuBackend();
   const char* name() const override { return "cpu"; }
 
   void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device,
