@@ -33,13 +33,6 @@ inline int64_t query_end(int64_t j, int64_t T, int64_t window) {
   return (window <= 0 || window >= T - j) ? T - 1 : j + window - 1;  // no overflow for huge window
 }
 
-template <typename T>
-inline double dot(const T* a, const T* b, int64_t n) {
-  double acc = 0;
-  for (int64_t i = 0; i < n; ++i) acc += double(a[i]) * double(b[i]);
-  return acc;
-}
-
 // Multiply-adds of one pass (rows x visible keys x D): thread only when it outweighs the cost of
 // starting a parallel region (gradient checks call this kernel thousands of times on tiny inputs).
 inline bool worth_threading(int64_t B, int64_t T, int64_t H, int64_t D, int64_t window) {
@@ -91,7 +84,7 @@ void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, co
             // s_tj = scale * q_t . k_j, and its max for a stable log-sum-exp.
             double mx = -std::numeric_limits<double>::infinity();
             for (int64_t j = j0; j <= t; ++j) {
-              s[j] = scale * dot(qt, pk + base + j * row, D);
+              s[j] = scale * dot_double(qt, pk + base + j * row, D);
               mx = std::max(mx, s[j]);
             }
             // out_t = sum_j exp(s_tj - mx) v_j / sum_j exp(s_tj - mx);  lse_t = mx + log(sum).
@@ -143,13 +136,13 @@ void CpuBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Te
             const int64_t base = b * T * row + h * D;
             const int64_t off = base + t * row;
             const double lse_t = double(pl[(b * H + h) * T + t]);
-            const double delta_t = dot(pdo + off, po + off, D);
+            const double delta_t = dot_double(pdo + off, po + off, D);
             delta[size_t((b * H + h) * T + t)] = delta_t;
             std::fill(acc.begin(), acc.end(), 0.0);
             for (int64_t j = key_begin(t, window); j <= t; ++j) {
               const S* kj = pk + base + j * row;
-              const double p = std::exp(scale * dot(pq + off, kj, D) - lse_t);
-              const double ds = p * (dot(pdo + off, pv + base + j * row, D) - delta_t);
+              const double p = std::exp(scale * dot_double(pq + off, kj, D) - lse_t);
+              const double ds = p * (dot_double(pdo + off, pv + base + j * row, D) - delta_t);
               for (int64_t d = 0; d < D; ++d) acc[d] += ds * double(kj[d]);
             }
             for (int64_t d = 0; d < D; ++d) pdq[off + d] = S(scale * acc[d]);
@@ -173,8 +166,8 @@ void CpuBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Te
               const S* qt = pq + base + t * row;
               const S* do_t = pdo + base + t * row;
               const int64_t stat = (b * H + h) * T + t;
-              const double p = std::exp(scale * dot(qt, pk + off, D) - double(pl[stat]));
-              const double ds = p * (dot(do_t, pv + off, D) - delta[size_t(stat)]);
+              const double p = std::exp(scale * dot_double(qt, pk + off, D) - double(pl[stat]));
+              const double ds = p * (dot_double(do_t, pv + off, D) - delta[size_t(stat)]);
               for (int64_t d = 0; d < D; ++d) {
                 acc_v[d] += p * double(do_t[d]);
                 acc_k[d] += ds * double(qt[d]);

@@ -104,12 +104,6 @@ HeadData gather_head(const NhaDims& d, const Tensor& q, const Tensor& k, const T
   return x;
 }
 
-inline double dot(const double* a, const double* b, int64_t n) {
-  double acc = 0;
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
 // First key of query t's window: t - w < j <= t. w = 0 means no window (empty range).
 inline int64_t window_begin(int64_t t, int64_t w) {
   return w <= 0 ? t + 1 : std::max<int64_t>(0, t - w + 1);
@@ -171,7 +165,7 @@ void memory_scores(std::vector<double>& A, const Primes& P, double scale) {
   A.assign(size_t(c.n * c.n), 0.0);
   for (int64_t i = c.j0; i < c.n; ++i)
     for (int64_t j = c.j0; j <= i; ++j)
-      A[i * c.n + j] = scale * dot(P.x.q.data() + (c.c0 + i) * P.x.Dk, P.K(j), P.x.Dk);
+      A[i * c.n + j] = scale * dot_double(P.x.q.data() + (c.c0 + i) * P.x.Dk, P.K(j), P.x.Dk);
 }
 
 // lm_i = scale (q_i Hk_n) ⊙ e^{B_i} + sum_{j0<=j<=i} A_ij S'_j ⊙ D_ij.    lm [M], Hk [Dk, M]
@@ -195,7 +189,7 @@ void memory_logits(double* lm, const Primes& P, const std::vector<double>& A, co
 void window_logits(double* lw, const HeadData& x, int64_t t, int64_t w, double scale) {
   const double* qt = x.qr.data() + t * x.Dk;
   for (int64_t j = window_begin(t, w); j <= t; ++j)
-    *lw++ = scale * dot(qt, x.kr.data() + j * x.Dk, x.Dk);
+    *lw++ = scale * dot_double(qt, x.kr.data() + j * x.Dk, x.Dk);
 }
 
 // Hk_{n+1} = Hk_n ⊙ e^{b}[None,:] + sum_j K'_j (S'_j ⊙ e^{b-B_j})^T      Hk [Dk, M]
@@ -326,16 +320,16 @@ HeadGrads backward_head(const HeadData& x, const std::vector<double>& dO,
       for (int64_t s = 0; s < M; ++s) pmi[s] = std::exp(lmi[s] - lse[t]);
       for (int64_t j = 0; j < nw; ++j) pw[j] = std::exp(pw[j] - lse[t]);
       // (a) dpm_i = (dO_i Hv_n^T) ⊙ e^{B_i} + sum_{j<=i} (dO_i . V'_j)(S'_j ⊙ D_ij)
-      for (int64_t s = 0; s < M; ++s) dpmi[s] = c.eB[i * M + s] * dot(dOi, Hv + s * Dv, Dv);
+      for (int64_t s = 0; s < M; ++s) dpmi[s] = c.eB[i * M + s] * dot_double(dOi, Hv + s * Dv, Dv);
       for (int64_t j = j0; j <= i; ++j) {
-        const double ov = OV[i * nc + j] = dot(dOi, P.V(j), Dv);
+        const double ov = OV[i * nc + j] = dot_double(dOi, P.V(j), Dv);
         const double *Sj = P.S(j), *Dij = c.Dij(i, j);
         for (int64_t s = 0; s < M; ++s) dpmi[s] += ov * Sj[s] * Dij[s];
       }
       // (b) joint softmax: delta = <p, dp>, with dpw_j = dO_i . v_j.
-      double delta = dot(pmi, dpmi, M);
+      double delta = dot_double(pmi, dpmi, M);
       for (int64_t j = 0; j < nw; ++j) {
-        dpw[j] = dot(dOi, x.v.data() + (jb + j) * Dv, Dv);
+        dpw[j] = dot_double(dOi, x.v.data() + (jb + j) * Dv, Dv);
         delta += pw[j] * dpw[j];
       }
       for (int64_t s = 0; s < M; ++s) dlmi[s] = pmi[s] * (dpmi[s] - delta);
