@@ -73,9 +73,18 @@ void CpuBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
         std::fill(row, row + V, T(0));
         continue;
       }
+      // One exp per logit (logsumexp then softmax took two): row first holds exp(x - max), then
+      // the gradient, from the row's sum of those exps.
       const T* xr = x + n * V;
-      const double lse = logsumexp(xr, V), g = dl[n];
-      for (int64_t c = 0; c < V; ++c) row[c] = T(g * (std::exp(double(xr[c]) - lse) - (c == t)));
+      const double m = double(*std::max_element(xr, xr + V)), g = dl[n];
+      double sum = 0;
+      for (int64_t c = 0; c < V; ++c) {
+        const double e = std::exp(double(xr[c]) - m);
+        sum += e;
+        row[c] = T(e);
+      }
+      const double inv = 1.0 / sum;
+      for (int64_t c = 0; c < V; ++c) row[c] = T(g * (double(row[c]) * inv - (c == t)));
     }
   });
 }
