@@ -276,7 +276,9 @@ Tensor LanguageModel::logits(const Tensor& xn) const {
   return linear(xn, lm_head ? lm_head->weight : embed->weight);  // [B, T, V]
 }
 
-Tensor LanguageModel::forward(const Tensor& ids) const {
+Tensor LanguageModel::forward(const Tensor& ids) const { return logits(final_hidden(ids)); }
+
+Tensor LanguageModel::final_hidden(const Tensor& ids) const {
   NHA_CHECK(ids.dim() == 2) << "model input must be token ids [B, T], got " << ids.str();
   Tensor x = embed->forward(ids);                 // [B, T, d] the residual stream
   Tensor xn = layers[0]->mixer_norm->forward(x);  // [B, T, d] its norm for the next mixer
@@ -286,7 +288,7 @@ Tensor LanguageModel::forward(const Tensor& ids) const {
     const RMSNorm& next = i + 1 < layers.size() ? *layers[i + 1]->mixer_norm : *norm;
     std::tie(x, xn) = layers[i]->forward(x, xn, next);
   }
-  return logits(xn);
+  return xn;
 }
 
 Tensor LanguageModel::loss(const Tensor& ids, const Tensor& targets) const {
@@ -294,6 +296,18 @@ Tensor LanguageModel::loss(const Tensor& ids, const Tensor& targets) const {
       << "targets " << targets.str() << " must match ids " << ids.str();
   Tensor logits = forward(ids);
   return cross_entropy(logits.reshape({-1, cfg_.vocab_size}), targets.reshape({-1}));
+}
+
+Tensor LanguageModel::loss_on_rows(const Tensor& ids, const Tensor& rows,
+                                   const Tensor& row_targets) const {
+  NHA_CHECK(rows.dim() == 1 && row_targets.shape() == rows.shape())
+      << "loss_on_rows: rows " << rows.str() << " and row_targets " << row_targets.str()
+      << " must be [n] each";
+  const Tensor xn = final_hidden(ids).reshape({-1, cfg_.d_model});  // [B*T, d]
+  // A row gather is the embedding op with the hidden states as the table; its backward puts each
+  // row's gradient back in place (the rows are distinct) and zeros elsewhere.
+  const Tensor picked = embedding(xn, rows);  // [n, d]
+  return cross_entropy(logits(picked), row_targets);
 }
 
 DecodeState LanguageModel::new_decode_state(int64_t batch, int64_t max_len) const {

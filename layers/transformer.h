@@ -153,6 +153,11 @@ class LanguageModel : public Module {
   Tensor forward(const Tensor& ids) const;
   // Mean cross-entropy of the next-token targets [B, T] (ignore_index -100).
   Tensor loss(const Tensor& ids, const Tensor& targets) const;
+  // The same loss when few targets count (MQAR: the query positions only): only the rows `rows`
+  // [n] (i32 indices into the flattened [B*T]) go through the LM head and the cross-entropy, with
+  // `row_targets` [n]. loss(ids, targets) with every other target ignored, up to the rounding of
+  // the head's GEMM at another shape, at a fraction of the head's work ([n, V] logits, not [B*T, V]).
+  Tensor loss_on_rows(const Tensor& ids, const Tensor& rows, const Tensor& row_targets) const;
 
   // ---- generation (no autograd; on the model's device; call under an AutocastGuard for bf16) ---
   // Empty state for `batch` rows of at most max_len steps each: the longest prompt plus the new
@@ -174,9 +179,11 @@ class LanguageModel : public Module {
   std::shared_ptr<Linear> lm_head;  // null when tied: logits use embed->weight
 
  private:
+  // ids [B, T] -> the last block's output through the final norm [B, T, d] (the head's input)
+  Tensor final_hidden(const Tensor& ids) const;
   // logits [B, T, V] of the last block's output x [B, T, d]: lm_head(RMSNorm(x))
   Tensor head(const Tensor& x) const;
-  // lm_head(xn) for xn = RMSNorm(x) [B, T, d] already normed -> [B, T, V]
+  // lm_head(xn) for xn = RMSNorm(x) [..., d] already normed -> [..., V]
   Tensor logits(const Tensor& xn) const;
   ModelConfig cfg_;
 };

@@ -43,9 +43,8 @@ trap mps_stop EXIT
 mqar_configs=(--config configs/mqar-transformer.yaml --config configs/mqar-swa.yaml
               --config configs/mqar-gsa.yaml --config configs/mqar-gsa-h.yaml
               --config configs/mqar-nha.yaml)
-lm_configs=(--config configs/transformer-20m.yaml --config configs/swa-20m.yaml
-            --config configs/gsa-20m.yaml --config configs/gsa-h-20m.yaml
-            --config configs/nha-20m.yaml)
+lm_configs=()
+for c in ${NHA_STUDY_LM:-transformer swa gsa gsa-h nha}; do lm_configs+=(--config configs/$c-20m.yaml); done
 
 # N copies of the d 128 MQAR attention model for STEPS steps at once: prints aggregate steps/s.
 time_mqar() {
@@ -106,7 +105,7 @@ lm)
   tasks="passkey=$data/recall/passkey.jsonl:contains,fields=$data/recall/debian_fields.jsonl:contains"
   tasks="$tasks,heldout=$data/heldout.txt:text,piqa,hellaswag,winogrande,arc_easy,arc_challenge,lambada"
   sweep=(python3 scripts/sweep.py --nha $nha --out runs/lm-study --results runs/lm-study/lm-20m
-         "${lm_configs[@]}" --grid train.seed=0,1,2 --x train.seed --y val_bpb)
+         "${lm_configs[@]}" --grid train.seed=0,1,2 --x train.seed --y val_bpb --seeds train.seed)
   timeout "${NHA_STUDY_LIMIT_S:-470}" "${sweep[@]}" --jobs "$jobs" "${lm_sets[@]}" \
     --set train.tokens="$tokens" --set train.global_batch_tokens=65536 --set train.warmup_steps=50 \
     --set eval.interval=50 --set eval.val_tokens=262144 --set checkpoint.interval=0 \

@@ -21,7 +21,12 @@ Writes OUT/sweep.json (all runs), OUT/sweep.md (one row per run) and OUT/sweep.s
 PREFIX.json/.md/.svg, e.g. bench/results/mqar): --y against
 --x, one line per config, each point the best --y over the other grid keys at that x (e.g. the
 best learning rate, as in Zoology's plots; lower is better for loss, bpb and ppl metrics).
+--seeds KEY names a grid key whose values are repeats (e.g. train.seed=0,1,2): the Markdown then
+adds a table of the mean and sample standard deviation over them for --y and every eval metric,
+and the SVG shows the mean validation curve (--y over training tokens) per config instead.
 --collect only re-reads finished runs and rewrites the three files.
+Each of the --jobs processes gets OMP_NUM_THREADS = cores / jobs (unless it is set): an OpenMP
+thread per core in every process oversubscribes the host's cores.
 """
 import argparse
 import itertools
@@ -30,6 +35,7 @@ import math
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -51,10 +57,11 @@ def plan(args):
     """[(config, {key: value}, run_dir)] in a fixed order: configs, then the grid's product."""
     grid = parse_grid(args.grid)
     runs = []
-    for config in args.config:
-        stem = os.path.splitext(os.path.basename(config))[0]
-        for values in itertools.product(*[v for _, v in grid]):
-            point = dict(zip([k for k, _ in grid], values))
+    # Grid points outer, configs inner: a sweep stopped early has every config at the same points.
+    for values in itertools.product(*[v for _, v in grid]):
+        point = dict(zip([k for k, _ in grid], values))
+        for config in args.config:
+            stem = os.path.splitext(os.path.basename(config))[0]
             name = ",".join(f"{k}={v}" for k, v in point.items()) or "default"
             runs.append((config, point, os.path.join(args.out, stem, name)))
     return runs
@@ -83,7 +90,9 @@ def start_run(args, config, point, run_dir, device):
                      (["--device", device] if device else []))
     script = " && ".join(" ".join(shlex.quote(c) for c in cmd) for cmd in steps)
     log = open(os.path.join(run_dir, "sweep.log"), "a")
-    return subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT), log
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    return subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env), log
 
 
 def read_run(run_dir):
@@ -93,7 +102,7 @@ def read_run(run_dir):
         return None
     with open(done_path) as f:
         rec = json.load(f)
-    metrics = {}
+    metrics, curve = {}, []
     try:
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             for line in f:
@@ -103,9 +112,11 @@ def read_run(run_dir):
                     metrics["step"] = r["step"]
                     metrics["tokens"] = r["tokens"]
                 elif r.get("type") == "val":
+                    point = {"step": r["step"], "tokens": r.get("tokens")}
                     for k in ("loss", "accuracy", "bpb"):
                         if k in r:
-                            metrics["val_" + k] = r[k]
+                            metrics["val_" + k] = point["val_" + k] = r[k]
+                    curve.append(point)
     except FileNotFoundError:
         pass
     eval_path = os.path.join(run_dir, "eval", "eval.json")
@@ -117,6 +128,7 @@ def read_run(run_dir):
                         metrics[f"{task}.{k}"] = v
     rec["run_dir"] = run_dir
     rec["metrics"] = metrics
+    rec["val_curve"] = curve
     return rec
 
 
@@ -175,7 +187,7 @@ def svg_plot(series, x_key, y, title):
     out.append(f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>')
     out.append(f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>')
     for x in xs:
-        label = f"{x:g}" if isinstance(x, float) else str(x)
+        label = (f"{x / 1e6:.3g}M" if x >= 1e5 else f"{x:g}") if isinstance(x, float) else str(x)
         out.append(f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{esc(label)}</text>')
     for i in range(6):
         v = y0 + (y1 - y0) * i / 5
@@ -206,6 +218,60 @@ def write_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def config_name(config):
+    return os.path.splitext(os.path.basename(config))[0]
+
+
+def seed_groups(records, keys, seeds):
+    """{(config, other overrides): [records]} over the repeats of the --seeds key, in order."""
+    groups = {}
+    for r in records:
+        other = tuple((k, r["overrides"].get(k, "")) for k in keys if k != seeds)
+        groups.setdefault((r["config"], other), []).append(r)
+    return groups
+
+
+def group_label(config, other):
+    return " ".join([config_name(config)] + [f"{k}={v}" for k, v in other])
+
+
+def mean_sd(values):
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def seeds_table(groups, seeds, metrics):
+    """Markdown: per group, mean +- sample sd over the repeats of every metric."""
+    lines = ["", f"mean ± sample standard deviation over {seeds}:", "",
+             "| run | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for (config, other), recs in groups.items():
+        cells = []
+        for m in metrics:
+            vals = [r["metrics"][m] for r in recs if m in r["metrics"]]
+            if not vals:
+                cells.append("-")
+                continue
+            mean, sd = mean_sd(vals)
+            scale, unit = (100, "%") if "acc" in m or m.endswith("contains") else (1, "")
+            cells.append(f"{scale * mean:.4g}{unit} ± {scale * sd:.2g}{unit}")
+        lines.append(f"| {group_label(config, other)} | {len(recs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def mean_curves(groups, y):
+    """{label: [(tokens, mean of y)]} at the validation points every repeat of a group has."""
+    series = {}
+    for (config, other), recs in groups.items():
+        at = {}
+        for r in recs:
+            for p in r.get("val_curve", []):
+                if y in p and p.get("tokens"):
+                    at.setdefault(float(p["tokens"]), []).append(p[y])
+        series[group_label(config, other)] = sorted(
+            (t, statistics.fmean(v)) for t, v in at.items() if len(v) == len(recs))
+    return series
 
 
 def collect(args, runs):
@@ -247,9 +313,15 @@ def collect(args, runs):
         lines.append(f"| {os.path.basename(config)} | " + " | ".join(
             "-" if x not in at else f"{100 * at[x]:.1f}%" if "acc" in y else f"{at[x]:.4f}"
             for x in xs) + " |")
+    if args.seeds:
+        groups = seed_groups(records, keys, args.seeds)
+        lines += seeds_table(groups, args.seeds, [m for m in shown if m != "step"])
+        plot = svg_plot(mean_curves(groups, y), "training tokens", y,
+                        f"{y} vs training tokens (mean over {args.seeds})")
+    else:
+        plot = svg_plot(best, x_key, y, f"{y} vs {x_key} (best over the other grid keys)")
     write_atomic(prefix + ".md", "\n".join(lines) + "\n")
-    write_atomic(prefix + ".svg",
-                 svg_plot(best, x_key, y, f"{y} vs {x_key} (best over the other grid keys)") + "\n")
+    write_atomic(prefix + ".svg", plot + "\n")
     print(f"sweep: {len(records)}/{len(runs)} runs finished; wrote {prefix}.json, .md, .svg "
           f"({y} vs {x_key})")
     print("\n".join(lines))
@@ -271,6 +343,8 @@ def main():
     p.add_argument("--x", default="", help="the grid key on the plot's x axis (default: the first)")
     p.add_argument("--y", default="", help="the plotted metric (default: mqar.acc, val_accuracy, "
                                            "val_bpb or val_loss, whichever the runs have)")
+    p.add_argument("--seeds", default="", help="a grid key whose values are repeats (e.g. train.seed): "
+                                               "mean and sd over them, mean validation curves")
     p.add_argument("--collect", action="store_true", help="only collect finished runs")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args()

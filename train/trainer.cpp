@@ -127,6 +127,23 @@ int64_t count_targets(const Tensor& targets) {
   return n;
 }
 
+// The rows of a micro-batch's targets [micro, T] (on the host) that count, with their targets:
+// ([n], [n]) i32 when at most half of the rows count (MQAR: the query positions), for
+// LanguageModel::loss_on_rows; nothing when most rows count (language modelling), where the dense
+// loss needs no gather.
+std::optional<std::pair<Tensor, Tensor>> sparse_targets(const Tensor& targets) {
+  const std::vector<int32_t> all = targets.contiguous().to_vector<int32_t>();
+  std::vector<int32_t> rows, kept;
+  for (size_t r = 0; r < all.size(); ++r)
+    if (all[r] != data::kIgnoreIndex) {
+      rows.push_back(int32_t(r));
+      kept.push_back(all[r]);
+    }
+  if (rows.empty() || 2 * rows.size() > all.size()) return std::nullopt;
+  const int64_t n = int64_t(rows.size());
+  return std::pair{Tensor::from_vector<int32_t>(rows, {n}), Tensor::from_vector<int32_t>(kept, {n})};
+}
+
 }  // namespace
 
 Device resolve_device(const std::string& name) {
@@ -318,12 +335,15 @@ double Trainer::forward_backward(const data::Batch& batch, int64_t step) {
   const int64_t n = rows / micro;
   Tensor loss_sum;  // on the device: no host sync per micro-batch
   for (int64_t i = 0; i < n; ++i) {
-    Tensor x = batch.inputs.slice(0, i * micro, (i + 1) * micro).to(device_);   // [micro, T]
-    Tensor y = batch.targets.slice(0, i * micro, (i + 1) * micro).to(device_);  // [micro, T]
-    Tensor loss;
+    Tensor x = batch.inputs.slice(0, i * micro, (i + 1) * micro).to(device_);  // [micro, T]
+    const Tensor y = batch.targets.slice(0, i * micro, (i + 1) * micro);       // [micro, T] host
+    Tensor loss;  // fp32 scalar (f64 only in float64 tests)
     {
       AutocastGuard autocast(compute_dtype_);
-      loss = model_->loss(x, y);  // fp32 scalar (f64 only in float64 tests)
+      if (auto rows = sparse_targets(y))
+        loss = model_->loss_on_rows(x, rows->first.to(device_), rows->second.to(device_));
+      else
+        loss = model_->loss(x, y.to(device_));
     }
     if (options_.loss_hook) loss = options_.loss_hook(step, i, loss);
     Tensor detached = loss.detach();

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "common/testing.h"
 
@@ -27,10 +28,11 @@ if cmd == "train":
         open(run + "/checkpoints/step_00000001.h5", "w").close()
         sys.exit(1)
     os.makedirs(run, exist_ok=True)
+    open(run + "/omp_threads.txt", "w").write(os.environ.get("OMP_NUM_THREADS", "unset"))
     acc = int(sets["model.d_model"]) / 1000
     with open(run + "/metrics.jsonl", "w") as f:
         f.write(json.dumps({"type": "train", "step": 5, "tokens": 640, "loss": float(sets["train.lr"])}) + "\n")
-        f.write(json.dumps({"type": "val", "step": 5, "loss": 1.5, "accuracy": acc}) + "\n")
+        f.write(json.dumps({"type": "val", "step": 5, "tokens": 640, "loss": 1.5, "accuracy": acc}) + "\n")
 elif cmd == "eval":
     run = sys.argv[2]
     acc = [json.loads(l) for l in open(run + "/metrics.jsonl")][-1]["accuracy"]
@@ -47,12 +49,12 @@ class Sweep : public ::testing::Test {
     setenv("FAKE_NHA_LOG", (dir_ + "/calls.txt").c_str(), 1);
   }
   // Runs the sweep of one config over `lrs` x d_model {64, 128}; its exit status.
-  int sweep(const std::string& lrs, const std::string& steps = "5") {
-    const std::string cmd = std::string("python3 ") + NHA_SOURCE_DIR + "/scripts/sweep.py --nha " +
-                            dir_ + "/nha --out " + dir_ + "/out --jobs 3 --config a/one.yaml " +
-                            "--grid train.lr=" + lrs + " --grid model.d_model=64,128 --set " +
-                            "train.steps=" + steps + " --eval mqar --x model.d_model > " + dir_ +
-                            "/log.txt 2>&1";
+  int sweep(const std::string& lrs, const std::string& steps = "5", const std::string& more = "") {
+    const std::string cmd = std::string("env -u OMP_NUM_THREADS python3 ") + NHA_SOURCE_DIR +
+                            "/scripts/sweep.py --nha " + dir_ + "/nha --out " + dir_ +
+                            "/out --jobs 3 --config a/one.yaml --grid train.lr=" + lrs +
+                            " --grid model.d_model=64,128 --set train.steps=" + steps +
+                            " --eval mqar --x model.d_model " + more + " > " + dir_ + "/log.txt 2>&1";
     return std::system(cmd.c_str());
   }
   std::vector<std::string> calls() {
@@ -94,6 +96,25 @@ TEST_F(Sweep, RunsTheGridSkipsFinishedRunsAndCollects) {
   ASSERT_EQ(sweep("1e-3,3e-3"), 0);
   ASSERT_EQ(calls().size(), 5u) << "a run without done.json runs again";
   EXPECT_EQ(calls().back(), out + "/one/train.lr=3e-3,model.d_model=128");
+}
+
+// --seeds: the repeats' mean and sd per group, the mean validation curve as the plot; every job
+// gets its share of the cores as OpenMP threads.
+TEST_F(Sweep, SeedsGiveMeanAndSpreadAndCurves) {
+  ASSERT_EQ(sweep("1e-3,3e-3", "5", "--seeds train.lr --y val_loss"), 0)
+      << testing::read_file(dir_ + "/log.txt");
+  const std::string out = dir_ + "/out";
+  const std::string md = testing::read_file(out + "/sweep.md");
+  EXPECT_NE(md.find("mean ± sample standard deviation over train.lr"), std::string::npos) << md;
+  // the group d_model=64 has train losses 1e-3 and 3e-3 (the fake's loss = lr): mean 0.002
+  EXPECT_NE(md.find("| one model.d_model=64 | 2 |"), std::string::npos) << md;
+  EXPECT_NE(md.find("0.002 ± 0.0014"), std::string::npos) << md;
+  const std::string svg = testing::read_file(out + "/sweep.svg");
+  EXPECT_NE(svg.find("val_loss vs training tokens (mean over train.lr)"), std::string::npos) << svg;
+  EXPECT_EQ(svg.find("no finished runs"), std::string::npos) << svg;
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  EXPECT_EQ(testing::read_file(out + "/one/train.lr=1e-3,model.d_model=64/omp_threads.txt"),
+            std::to_string(std::max(1u, cores / 3)));
 }
 
 TEST_F(Sweep, FailedRunsAreReportedAndResumed) {

@@ -70,6 +70,47 @@ TEST(CudaModel, LossAndGradientsMatchCpu) {
   }
 }
 
+// The sparse-target loss (MQAR's path in the trainer) on the GPU, f32 and under bf16 autocast,
+// against the CPU's dense loss with the other targets ignored.
+TEST(CudaModel, LossOnRowsMatchesCpuDenseLoss) {
+  NHA_SKIP_WITHOUT_CUDA();
+  for (DType dt : {DType::F32, DType::BF16}) {
+    SCOPED_TRACE(dtype_name(dt));
+    const ModelConfig c = mixed_config(true);
+    LanguageModel cpu_model(c, 5), gpu_model(c, 5);
+    gpu_model.to(gpu());
+    auto [ids, all_targets] = batch(3, 37, c.vocab_size, 9);
+    std::vector<int32_t> t = all_targets.to_vector<int32_t>(), rows, kept;
+    for (size_t r = 0; r < t.size(); ++r) {
+      if (r % 7 == 3 || r + 1 == t.size()) {
+        rows.push_back(int32_t(r));
+        kept.push_back(t[r] < 0 ? 1 : t[r]);
+        t[r] = kept.back();
+      } else {
+        t[r] = -100;
+      }
+    }
+    const int64_t n = int64_t(rows.size());
+    Tensor cpu_loss = cpu_model.loss(ids, Tensor::from_vector<int32_t>(t, {3, 37}));
+    cpu_loss.backward();
+    Tensor gpu_loss;
+    {
+      AutocastGuard autocast(dt);
+      gpu_loss = gpu_model.loss_on_rows(ids.to(gpu()), Tensor::from_vector<int32_t>(rows, {n}).to(gpu()),
+                                        Tensor::from_vector<int32_t>(kept, {n}).to(gpu()));
+    }
+    gpu_loss.backward();
+    const double l_cpu = cpu_loss.item<double>();
+    EXPECT_NEAR(gpu_loss.item<double>(), l_cpu, (dt == DType::F32 ? 1e-5 : 1e-2) * std::fabs(l_cpu));
+    const std::vector<NamedParameter> pc = cpu_model.named_parameters(), pg = gpu_model.named_parameters();
+    for (size_t i = 0; i < pc.size(); ++i) {
+      SCOPED_TRACE(pc[i].name);
+      const double e = cudatest::err(pg[i].tensor.grad(), pc[i].tensor.grad().to(DType::F64));
+      EXPECT_LE(e, dt == DType::F32 ? 1e-4 : 8e-2);  // bf16: the bound of Bf16AutocastStaysCloseToCpuF32
+    }
+  }
+}
+
 TEST(CudaModel, Bf16AutocastStaysCloseToCpuF32) {
   NHA_SKIP_WITHOUT_CUDA();
   const ModelConfig c = mixed_config(false);
