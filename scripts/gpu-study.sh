@@ -7,6 +7,9 @@
 #                                         without MPS, and of each ~20M model alone
 #   scripts/gpu-study.sh mqar STEPS       MQAR: 5 mixers x d 64/128/256 x 4 learning rates
 #   scripts/gpu-study.sh lm TOKENS        ~20M language models: 5 mixers x 3 seeds, then evals
+#   scripts/gpu-study.sh lm-ablate TOKENS why NHA trails (docs/eval.md): NHA with plain-attention
+#                                         full layers, GSA-H with NHA full layers (3 seeds each),
+#                                         and the five models at lr 7.5e-4 and 3e-3 (seed 0)
 #
 # Data for `lm` (NHA_STUDY_DATA, default .peer/study; docs/eval.md says how it was made):
 # tok.model (16k BPE), train.txt.zst (the Debian corpus without its first 2000 lines),
@@ -113,6 +116,32 @@ lm)
     || log "sweep stopped (rc $?): collecting what finished"
   "${sweep[@]}" --collect
   tar czf "$out/study-lm.tar.gz" --exclude='*.h5' runs/lm-study
+  ;;
+lm-ablate)
+  tokens=${2:?tokens}
+  prepare_lm_data
+  mps_start
+  common=("${lm_sets[@]}" --set train.tokens="$tokens" --set train.global_batch_tokens=65536
+          --set train.warmup_steps=50 --set eval.interval=50 --set eval.val_tokens=262144
+          --set checkpoint.interval=0 --y val_bpb)
+  ablate() {  # NAME CONFIG --set OVERRIDE: 3 seeds in runs/lm-ablate/NAME, in the background
+    python3 scripts/sweep.py --nha $nha --out runs/lm-ablate/$1 --results runs/lm-ablate/$1/result \
+      --config "$2" --grid train.seed=0,1,2 --jobs 3 --x train.seed --seeds train.seed \
+      "${common[@]}" "${@:3}" > runs/lm-ablate-$1.log 2>&1 &
+  }
+  mkdir -p runs/lm-ablate
+  ablate nha-attention-full configs/nha-20m.yaml --set "model.full_attention.mixer={type: attention}"
+  ablate gsa-h-nha-full configs/gsa-h-20m.yaml \
+    --set "model.full_attention.mixer={type: nha, window: 1048576, slots: 64}"
+  python3 scripts/sweep.py --nha $nha --out runs/lm-ablate/lr --results runs/lm-ablate/lr/result \
+    "${lm_configs[@]}" --grid train.lr=7.5e-4,3e-3 --jobs 10 --x train.lr "${common[@]}" \
+    > runs/lm-ablate-lr.log 2>&1 &
+  deadline=$((SECONDS + ${NHA_STUDY_LIMIT_S:-470}))
+  while [[ -n $(jobs -rp) ]] && (( SECONDS < deadline )); do sleep 5; done
+  if [[ -n $(jobs -rp) ]]; then log "time limit: stopping the sweeps"; kill $(jobs -rp); fi
+  wait || true
+  tail -n 12 runs/lm-ablate-*.log
+  tar czf "$out/study-lm-ablate.tar.gz" --exclude='*.h5' runs/lm-ablate runs/lm-ablate-*.log
   ;;
 *) echo "gpu-study: unknown mode '$mode'" >&2; exit 2 ;;
 esac
