@@ -57,7 +57,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t wind
 // Same, also returning the log-sum-exp of the scores, lse [B, H, T] (not differentiable).
 std::pair<Tensor, Tensor> attention_with_lse(const Tensor& q, const Tensor& k, const Tensor& v,
                                              int64_t window = 0, double scale = 0.0);
-// Native Hybrid Attention core (SPEC-NHA §2; math in kernels/backend.h nha_forward):
+// Native Hybrid Attention core (docs/nha.md §2; math in kernels/backend.h nha_forward):
 // q, k (memory side, raw), qr, kr (window side, RoPE'd), v [B, T, H, D]; s, g [B, T, H, M]
 // -> [B, T, H, D]. window 0 = pure memory, >= T = full attention + M null slots.
 // scale <= 0 means 1/sqrt(D).

@@ -1,4 +1,4 @@
-// MQAR accuracy of a trained model (SPEC-NHA §6; data/mqar.h has the example definition).
+// MQAR accuracy of a trained model (docs/nha.md §6; data/mqar.h has the example definition).
 //
 //   MqarOptions test = data::mqar_preset("test");   // (L, K) from (64, 4) up to (1024, 256)
 //   std::vector<MqarSettingResult> r = evaluate_mqar(logits_fn(m), test, options);

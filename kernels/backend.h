@@ -130,7 +130,7 @@ class Backend {
                                   const Tensor& out, const Tensor& lse, double scale,
                                   int64_t window);
 
-  // ---- Native Hybrid Attention core (SPEC-NHA §2, §4) ------------------------------------------
+  // ---- Native Hybrid Attention core (docs/nha.md §2, §4) ------------------------------------------
   // q, k   [B, T, H, Dk]  raw query/key (memory side: no RoPE)
   // qr, kr [B, T, H, Dk]  RoPE'd query/key (window side)
   // v      [B, T, H, Dv]  values (read by memory and window alike; the layer has Dv = Dk, the
@@ -148,7 +148,7 @@ class Backend {
   virtual void nha_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                            const Tensor& qr, const Tensor& kr, const Tensor& v, const Tensor& s,
                            const Tensor& g, double scale, int64_t window);
-  // Gradients of sum(out * dout) with respect to every input (SPEC-NHA §4 backward); out and lse
+  // Gradients of sum(out * dout) with respect to every input (docs/nha.md §4 backward); out and lse
   // are nha_forward's. dg is the path through the decay e^g only (s is independent here).
   virtual void nha_backward(Tensor& dq, Tensor& dk, Tensor& dqr, Tensor& dkr, Tensor& dv,
                             Tensor& ds, Tensor& dg, const Tensor& dout, const Tensor& q,

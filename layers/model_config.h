@@ -25,7 +25,7 @@ struct ModelConfig {
   int64_t d_model = 0;
   int64_t n_layers = 0;
   int64_t n_heads = 0;
-  int64_t mlp_hidden = 0;  // 0: 256 * ceil((8d/3) / 256) (SPEC-NHA §3)
+  int64_t mlp_hidden = 0;  // 0: 256 * ceil((8d/3) / 256) (docs/nha.md §3)
   bool tie_embeddings = false;
   double norm_eps = 1e-6;
   double rope_base = 10000.0;

@@ -1,4 +1,4 @@
-// The decoder-only language model of SPEC-NHA §3:
+// The decoder-only language model of docs/nha.md §3:
 //   h = x + Mixer(RMSNorm(x));  y = h + SwiGLU(RMSNorm(h));  logits = lm_head(RMSNorm(y_L))
 // Mixers are chosen per layer: attention (below), nha and gsa (= nha with window 0, layers/nha.h).
 //
