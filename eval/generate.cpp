@@ -5,9 +5,9 @@
 #include <cmath>
 #include <numeric>
 
+#include "autograd/autocast.h"
 #include "autograd/node.h"
 #include "core/random.h"
-#include "train/autocast.h"
 
 namespace nha::eval {
 

@@ -5,11 +5,11 @@
 #include <cstdio>
 #include <numeric>
 
+#include "autograd/autocast.h"
 #include "autograd/node.h"
 #include "data/loader.h"
 #include "eval/generate.h"
 #include "kernels/backend.h"
-#include "train/autocast.h"
 
 namespace nha::eval {
 

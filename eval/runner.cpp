@@ -5,9 +5,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "autograd/autocast.h"
 #include "autograd/node.h"
 #include "core/random.h"
-#include "train/autocast.h"
 #include "train/checkpoint.h"
 
 namespace nha::eval {

@@ -5,9 +5,9 @@
 #include <limits>
 #include <set>
 
+#include "autograd/autocast.h"
 #include "autograd/node.h"
 #include "kernels/backend.h"
-#include "train/autocast.h"
 #include "train/distributed.h"
 
 namespace nha {

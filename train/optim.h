@@ -57,7 +57,7 @@ class AdamW {
  public:
   // copy_dtype BF16 (f32 parameters only): also keep a flat bf16 copy of the parameters, written by
   // the update kernel, for autocast to use instead of casting every weight in every forward
-  // (WeightCopies, train/autocast.h). Any other value: no copy.
+  // (WeightCopies, autograd/autocast.h). Any other value: no copy.
   AdamW(std::vector<ParamEntry> params, AdamWOptions options, DType copy_dtype = DType::F32);
   ~AdamW();
   AdamW(const AdamW&) = delete;

@@ -14,11 +14,11 @@
 #include <optional>
 #include <sstream>
 
+#include "autograd/autocast.h"
 #include "autograd/node.h"
 #include "core/fileio.h"
 #include "data/mqar.h"
 #include "eval/mqar_eval.h"
-#include "train/autocast.h"
 #include "train/schedule.h"
 
 namespace fs = std::filesystem;

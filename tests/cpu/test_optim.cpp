@@ -3,9 +3,9 @@
 #include <cmath>
 #include <limits>
 
+#include "autograd/autocast.h"
 #include "common/testing.h"
 #include "kernels/backend.h"
-#include "train/autocast.h"
 #include "train/distributed.h"
 #include "train/optim.h"
 

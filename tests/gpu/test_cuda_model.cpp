@@ -5,9 +5,9 @@
 #include <cstring>
 #include <limits>
 
+#include "autograd/autocast.h"
 #include "gpu/cuda_testing.h"
 #include "layers/transformer.h"
-#include "train/autocast.h"
 #include "train/distributed.h"
 #include "train/optim.h"
 

@@ -2,8 +2,8 @@
 // odd sizes, outputs poisoned with NaN before every run.
 #include <limits>
 
+#include "autograd/autocast.h"
 #include "gpu/cuda_testing.h"
-#include "train/autocast.h"
 #include "train/distributed.h"
 #include "train/optim.h"
 
