@@ -7,6 +7,7 @@
 
 #include "autograd/autocast.h"
 #include "autograd/node.h"
+#include "autograd/ops.h"
 #include "data/loader.h"
 #include "eval/generate.h"
 #include "kernels/backend.h"
@@ -93,9 +94,7 @@ Tensor logits_rows(const LogitsFn& model, const Tensor& ids) {
 }  // namespace
 
 std::vector<int64_t> row_argmax(const Tensor& rows) {
-  Tensor am = Tensor::empty({rows.size(0)}, DType::I64, rows.device());
-  backend_for(rows).argmax(am, rows);
-  Tensor c = am.to(Device::cpu());
+  Tensor c = argmax(rows).to(Device::cpu());
   return std::vector<int64_t>(c.data<int64_t>(), c.data<int64_t>() + c.numel());
 }
 

@@ -18,7 +18,6 @@
 #include "autograd/node.h"
 #include "core/fileio.h"
 #include "data/mqar.h"
-#include "eval/mqar_eval.h"
 #include "train/schedule.h"
 
 namespace fs = std::filesystem;
@@ -423,7 +422,7 @@ ValStats Trainer::validate() {
       Tensor logits = model_->forward(x);  // [B, T, V]
       const int64_t V = logits.size(-1);
       loss_sum += cross_entropy(logits.reshape({-1, V}), y.reshape({-1})).item<double>() * double(n);
-      correct += eval::count_correct_predictions(logits, b.targets).correct;
+      correct += count_correct_predictions(logits, b.targets).correct;
     }
     v.tokens += n;
   };
