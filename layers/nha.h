@@ -9,7 +9,7 @@
 #pragma once
 #include <memory>
 
-#include "layers/transformer.h"
+#include "layers/mixer.h"
 
 namespace nha {
 

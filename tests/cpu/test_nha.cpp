@@ -10,6 +10,7 @@
 #include "common/testing.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/nha_reference.h"
+#include "layers/attention.h"
 #include "layers/nha.h"
 
 namespace nha {
