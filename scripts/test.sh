@@ -12,6 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Every library import points down the layers (docs/architecture.md); seconds, before the build.
+python3 scripts/check-imports.py
 # Where no GPU can run the CUDA code (CI), it is compiled as a check only: to compute_90a PTX
 # (ptxas is skipped) with nvcc's optimizers off (-O0 host code, -Xcicc -O0 device code: NVVM's
 # optimizer was half of a kernel file's compile time). With a GPU, the CUDA build is the normal one.
