@@ -14,7 +14,8 @@
 //   loss, stop flag                        one small all-reduce: the guard and Ctrl-C decide alike
 //   clip, guard, AdamW                     identical on every rank (identical averaged gradients)
 //
-// Gradients are views of one flat fp32 buffer laid out bucket by bucket (FlatGrads), so the
+// Gradients are views of one flat fp32 buffer laid out bucket by bucket (FlatGrads,
+// train/flat_grads.h), so the
 // all-reduce works in place with no copy in or out. Parameters are laid out in reverse
 // registration order: the backward produces the last layers' gradients first, so the first
 // buckets fill first.
@@ -34,6 +35,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "train/flat_grads.h"
 
 namespace nha::dist {
 
@@ -84,52 +86,6 @@ void check_gpus_request(int gpus, int visible_gpus, const LaunchInfo& launch);
 // the status 128 + signal with which ranks stopped on a forwarded Ctrl-C/SIGTERM (after their
 // checkpoint; not a failure).
 int run_local_ranks(int gpus, const std::string& run_dir);
-
-// ---- gradient buckets ------------------------------------------------------------------------------
-
-struct GradBucket {
-  int64_t begin = 0, end = 0;   // element range [begin, end) of the flat gradient buffer
-  std::vector<size_t> params;   // parameter indices, in layout order
-};
-
-struct BucketPlan {
-  std::vector<int64_t> offset;     // (P,) element offset of parameter i's gradient in the buffer
-  std::vector<size_t> bucket_of;   // (P,) bucket of parameter i
-  std::vector<GradBucket> buckets; // consecutive ranges that tile [0, total)
-  int64_t total = 0;               // elements of the flat buffer, padding included
-};
-
-// Lays out P gradients of numels[i] elements (registration order) in one flat buffer, in
-// reverse order, each offset a multiple of `align` elements (aligned vector loads, and NCCL's
-// fast path). A bucket takes parameters until the next one would take it past
-// `bucket_elements`; a larger parameter gets a bucket of its own.
-BucketPlan plan_buckets(const std::vector<int64_t>& numels, int64_t bucket_elements,
-                        int64_t align = 64);
-
-// The gradients of `params` (contiguous tensors of one dtype on one device) as views of one flat
-// buffer laid out by plan_buckets(numels, bucket_elements): the data-parallel reducer all-reduces
-// it bucket by bucket, and single-process training uses it with one bucket. AdamW lays its flat
-// parameters out the same way (train/optim.h), so it reads this buffer as it is, and
-// clip_grad_norm_flat sees every gradient in one reduction. Every gradient is defined from the
-// start (zeros): a parameter that gets no gradient in a step is updated with a zero gradient
-// (its moments decay), as under data parallelism.
-class FlatGrads {
- public:
-  FlatGrads(const std::vector<Tensor>& params, int64_t bucket_elements);
-  // Zeroes the buffer (padding included) and makes every grad() its view again; the next
-  // backward accumulates into it.
-  void zero_grad();
-  const BucketPlan& plan() const { return plan_; }
-  Tensor& buffer() { return flat_; }  // (plan().total,) in the parameters' dtype
-  // Whether parameter i's gradient is still its view of the buffer.
-  bool holds(size_t i) const;
-
- private:
-  std::vector<Tensor> params_;
-  BucketPlan plan_;
-  Tensor flat_;                // (plan_.total,) every gradient, bucket after bucket
-  std::vector<Tensor> views_;  // (P,) flat_[offset_i, offset_i + numel_i) shaped like param i
-};
 
 // ---- the communicator ----------------------------------------------------------------------------
 

@@ -187,7 +187,7 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   if (group_)
     reducer_ = group_->grad_reducer(param_tensors_, int64_t(t.dist_bucket_mb * (1 << 20)));
   else
-    flat_grads_ = std::make_unique<dist::FlatGrads>(param_tensors_,
+    flat_grads_ = std::make_unique<FlatGrads>(param_tensors_,
                                                     std::numeric_limits<int64_t>::max());
 
   // Resume or start fresh.

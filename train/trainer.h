@@ -134,7 +134,7 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   dist::ProcessGroup* group_ = nullptr;       // data parallel, or nullptr
   std::unique_ptr<dist::GradReducer> reducer_;  // with group_: owns the gradients' memory
-  std::unique_ptr<dist::FlatGrads> flat_grads_;  // without group_: owns the gradients' memory
+  std::unique_ptr<FlatGrads> flat_grads_;  // without group_: owns the gradients' memory
   int world_ = 1, rank_ = 0;
   std::vector<NamedParameter> params_;
   std::vector<Tensor> param_tensors_;
