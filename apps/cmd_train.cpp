@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "apps/cli.h"
+#include "apps/test_fault.h"
 #include "core/error.h"
 #include "core/fileio.h"
 #include "core/profile.h"
@@ -78,6 +79,8 @@ void register_train_commands(CLI::App& app) {
         std::unique_ptr<dist::ProcessGroup> group;
         if (launch.distributed()) group = dist::join_process_group(launch, cfg.train.dist_timeout_s);
         o.group = group.get();
+        if (launch.distributed())
+          o.before_step = [rank = launch.rank](int64_t step) { inject_test_fault(rank, step); };
         Trainer trainer(cfg, o);
         trainer.train();
         // Scripts must tell an interrupted run from a finished one: the shell's 128 + signal.

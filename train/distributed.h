@@ -138,8 +138,4 @@ class GradReducer {
   virtual std::string summary() const = 0;  // "9 buckets of <= 25 MiB over 124.3M gradients"
 };
 
-// Fault injection for tests/multigpu (docs/distributed.md): NHA_TEST_FAULT=exit:RANK:STEP ends
-// that rank with status 7 before the step, hang:RANK:STEP makes it sleep forever there.
-void inject_test_fault(int rank, int64_t step);
-
 }  // namespace nha::dist

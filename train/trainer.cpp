@@ -342,7 +342,7 @@ double Trainer::forward_backward(const data::Batch& batch, int64_t step) {
 
 StepStats Trainer::train_step() {
   const TrainConfig& t = config_.train;
-  if (group_) dist::inject_test_fault(rank_, step_);
+  if (options_.before_step) options_.before_step(step_);
   const double t0 = now_seconds();
   StepStats st;
   st.step = step_;

@@ -56,6 +56,9 @@ struct TrainerOptions {
   // Test hook: sees each micro-batch loss before backward and may replace it (e.g. multiply by NaN
   // to check the guard). Arguments: step, micro-batch index, loss.
   std::function<Tensor(int64_t, int64_t, const Tensor&)> loss_hook;
+  // Test hook: called with the step's index before every step (`nha train` plugs in the
+  // multi-GPU tests' fault injection, apps/test_fault.h).
+  std::function<void(int64_t)> before_step;
 };
 
 struct StepStats {
