@@ -7,9 +7,9 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "common/nha_reference.h"
 #include "common/testing.h"
 #include "kernels/backend.h"
-#include "kernels/cpu/nha_reference.h"
 #include "layers/attention.h"
 #include "layers/nha.h"
 
