@@ -18,6 +18,9 @@ struct MixerConfig {
   // nha: the short-term window w (0 = pure memory; >= T = full attention + m null slots).
   int64_t window = 0;
   int64_t slots = 64;  // nha/gsa: memory slots m
+
+  // This mixer as it runs: gsa is nha without a window (docs/nha.md §3), whatever `window` says.
+  MixerConfig resolved() const;
 };
 
 struct ModelConfig {

@@ -17,13 +17,11 @@ namespace nha {
 namespace {
 std::shared_ptr<Mixer> make_mixer(const ModelConfig& cfg, int64_t layer, double out_scale,
                                   Generator& gen) {
-  MixerConfig m = cfg.mixer(layer);
+  const MixerConfig m = cfg.mixer(layer).resolved();
   switch (m.type) {
     case MixerType::Attention: return std::make_shared<Attention>(cfg, m, out_scale, gen);
-    case MixerType::NHA: return std::make_shared<NhaMixer>(cfg, m, out_scale, gen);
-    case MixerType::GSA:  // pure memory: nha without a window
-      m.window = 0;
-      return std::make_shared<NhaMixer>(cfg, m, out_scale, gen);
+    case MixerType::NHA:
+    case MixerType::GSA: return std::make_shared<NhaMixer>(cfg, m, out_scale, gen);
   }
   NHA_FAIL() << "layer " << layer << ": unknown mixer type " << int(m.type);
 }

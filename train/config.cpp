@@ -104,8 +104,7 @@ MixerConfig read_mixer(YAML::Node node, const std::string& path, const std::stri
   get_count(s, "window", m.window);
   get_count(s, "slots", m.slots);
   s.finish();
-  if (m.type == MixerType::GSA) m.window = 0;  // gsa is nha without a window by definition
-  return m;
+  return m.resolved();
 }
 
 void read_model(Section s, ModelConfig& m, const std::string& source) {
