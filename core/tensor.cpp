@@ -168,9 +168,5 @@ void check_same_shape(const Tensor& a, const Tensor& b, const char* what) {
 void check_dtype(const Tensor& t, DType dtype, const char* what) {
   NHA_CHECK(t.dtype() == dtype) << what << ": expected " << dtype_name(dtype) << ", got " << t.str();
 }
-void check_device(const Tensor& t, Device device, const char* what) {
-  NHA_CHECK(t.device() == device) << what << ": expected a tensor on " << device.str() << ", got "
-                                  << t.str();
-}
 
 }  // namespace nha

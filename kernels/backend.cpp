@@ -34,6 +34,4 @@ Backend& backend_for(Device device) {
 
 Backend& backend_for(const Tensor& t) { return backend_for(t.device()); }
 
-void register_backend(DeviceKind kind, Backend* backend) { registered(kind) = backend; }
-
 }  // namespace nha

@@ -39,8 +39,6 @@ class Backend {
 // The backend that owns tensors on `device` (the CPU one always exists).
 Backend& backend_for(Device device);
 Backend& backend_for(const Tensor& t);
-// Called once by the CUDA backend when its library is loaded.
-void register_backend(DeviceKind kind, Backend* backend);
 #ifdef NHA_WITH_CUDA
 // The CUDA backend (kernels/cuda/cuda_backend.cpp). backend_for(cuda:N) registers it on first use:
 // the explicit call keeps the CUDA objects in a static-library link (a static-initialization
