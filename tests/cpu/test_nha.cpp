@@ -12,6 +12,7 @@
 #include "kernels/backend.h"
 #include "layers/attention.h"
 #include "layers/nha.h"
+#include "layers/transformer.h"
 
 namespace nha {
 namespace {
