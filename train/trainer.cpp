@@ -3,7 +3,6 @@
 #include <omp.h>
 #include <yaml-cpp/yaml.h>
 
-#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -16,6 +15,7 @@
 
 #include "autograd/autocast.h"
 #include "autograd/node.h"
+#include "core/clock.h"
 #include "core/fileio.h"
 #include "data/mqar.h"
 #include "train/schedule.h"
@@ -25,11 +25,6 @@ namespace fs = std::filesystem;
 namespace nha {
 
 namespace {
-
-double now_seconds() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
 
 std::string fmt(const char* f, double v) {
   char buf[64];
@@ -343,7 +338,7 @@ double Trainer::forward_backward(const data::Batch& batch, int64_t step) {
 StepStats Trainer::train_step() {
   const TrainConfig& t = config_.train;
   if (options_.before_step) options_.before_step(step_);
-  const double t0 = now_seconds();
+  const double t0 = monotonic_seconds();
   StepStats st;
   st.step = step_;
   st.lr = lr_at(t, step_);
@@ -387,7 +382,7 @@ StepStats Trainer::train_step() {
   zero_grad();
   ++step_;
   tokens_seen_ += t.global_batch_tokens;  // all ranks
-  st.seconds = now_seconds() - t0;
+  st.seconds = monotonic_seconds() - t0;
   return st;
 }
 
@@ -406,7 +401,7 @@ bool Trainer::stop_now() const { return group_ ? agreed_stop_ : stop_requested_h
 ValStats Trainer::validate() {
   ValStats v;
   if (!val_shards_ && !val_mqar_) return v;
-  const double t0 = now_seconds();
+  const double t0 = monotonic_seconds();
   autograd::NoGradGuard no_grad;
   AutocastGuard autocast(compute_dtype_);
   const TrainConfig& t = config_.train;
@@ -449,7 +444,7 @@ ValStats Trainer::validate() {
   v.loss = v.tokens > 0 ? loss_sum / double(v.tokens) : 0.0;
   if (bytes_per_token_ > 0) v.bpb = v.loss / std::log(2.0) / bytes_per_token_;
   if (val_mqar_ && v.tokens > 0) v.accuracy = double(correct) / double(v.tokens);
-  v.seconds = now_seconds() - t0;
+  v.seconds = monotonic_seconds() - t0;
   return v;
 }
 
@@ -469,7 +464,7 @@ TrainState Trainer::state() const {
 }
 
 std::string Trainer::save_checkpoint() {
-  const double t0 = now_seconds();
+  const double t0 = monotonic_seconds();
   const std::string path = checkpoint_path(config_.checkpoint.dir, step_);
   // Every rank holds the whole, identical state (plain data parallelism): rank 0's file is the
   // complete checkpoint, resumable on any number of GPUs.
@@ -477,7 +472,7 @@ std::string Trainer::save_checkpoint() {
     nha::save_checkpoint(path, params_, optimizer_.get(), state());
     std::vector<std::string> removed =
         prune_checkpoints(config_.checkpoint.dir, config_.checkpoint.keep_last);
-    log_line("checkpoint " + path + " (" + fmt("%.1f s", now_seconds() - t0) +
+    log_line("checkpoint " + path + " (" + fmt("%.1f s", monotonic_seconds() - t0) +
              (removed.empty() ? "" : ", removed " + std::to_string(removed.size()) + " older") + ")");
   }
   // The other ranks wait for the file, so that all leave together (after a stop request every
