@@ -8,6 +8,7 @@
 #include "autograd/autocast.h"
 #include "autograd/node.h"
 #include "core/random.h"
+#include "eval/generate.h"
 #include "train/checkpoint.h"
 
 namespace nha::eval {

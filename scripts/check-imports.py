@@ -33,9 +33,6 @@ KNOWN = {
     # behind the backend: a stream/event interface in kernels/backend.h).
     ("train/nccl_group.cpp", "kernels/cuda/cuda_common.h"),
     ("train/nccl_watchdog.h", "kernels/cuda/cuda_common.h"),
-    # generate_greedy_cached (declared in loglik.h, defined in loglik.cpp) drives generate();
-    # it belongs in generate.cpp with the batching helpers it shares with score_loglik.
-    ("eval/generate", "eval/loglik"),
 }
 
 
