@@ -11,7 +11,7 @@
 # measured costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --with-mpi  # Open MPI: the CPU data-parallel tests run 2 ranks
 # Every library import points down the layers (docs/architecture.md); seconds, before the build.
 python3 scripts/check-imports.py
 # Where no GPU can run the CUDA code (CI), it is compiled as a check only: to compute_90a PTX

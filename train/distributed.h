@@ -87,6 +87,11 @@ void check_gpus_request(int gpus, int visible_gpus, const LaunchInfo& launch);
 // checkpoint; not a failure).
 int run_local_ranks(int gpus, const std::string& run_dir);
 
+// `--ranks N` of a run on the CPU: replaces this process by `mpirun -np N` of the same command
+// line (every rank sees --ranks N and joins over MPI), with OMP_NUM_THREADS = cores / N per rank.
+// Does not return; fails with a hint when MPI or mpirun is missing.
+[[noreturn]] void exec_mpirun_ranks(int ranks);
+
 // ---- the communicator ----------------------------------------------------------------------------
 
 class GradReducer;
@@ -114,10 +119,18 @@ class ProcessGroup {
                                                     int64_t bucket_bytes) = 0;
 };
 
-// Joins the job described by `launch` (launch.distributed() must hold): picks cuda:local_rank,
-// gets rank 0's NCCL unique id (file rendezvous or MPI broadcast), creates the communicator and
-// starts the watchdog with `timeout_s`. Throws on a build without NCCL.
-std::unique_ptr<ProcessGroup> join_process_group(const LaunchInfo& launch, double timeout_s);
+// Joins the job described by `launch` (launch.distributed() must hold) with the communicator of
+// the device the ranks train on, and starts its watchdog with `timeout_s`:
+//   GPUs (cpu = false): NCCL (join_nccl_group), every rank on cuda:local_rank; started by --gpus
+//                       or mpirun
+//   CPUs (cpu = true):  MPI (join_mpi_group), every rank on the CPU; started by mpirun (or by
+//                       `nha train --ranks N`, which runs mpirun)
+// the way PyTorch has Gloo beside NCCL. Throws with a hint on a build without the one it needs.
+std::unique_ptr<ProcessGroup> join_process_group(const LaunchInfo& launch, bool cpu,
+                                                 double timeout_s);
+// The two communicators: train/nccl_group.cpp, train/mpi_group.cpp.
+std::unique_ptr<ProcessGroup> join_nccl_group(const LaunchInfo& launch, double timeout_s);
+std::unique_ptr<ProcessGroup> join_mpi_group(const LaunchInfo& launch, double timeout_s);
 
 // Averages the gradients over the ranks, bucket by bucket, during the last backward of a step.
 class GradReducer {

@@ -111,6 +111,18 @@ bool mpi_built() {
 #endif
 }
 
+std::unique_ptr<ProcessGroup> join_process_group(const LaunchInfo& launch, bool cpu,
+                                                 double timeout_s) {
+  NHA_CHECK(launch.distributed()) << "internal: join_process_group for a single process";
+  if (!cpu) return join_nccl_group(launch, timeout_s);
+  NHA_CHECK(launch.launcher == Launcher::Mpi)
+      << "rank " << launch.rank << " of " << launch.world_size << " was started by "
+      << launcher_name(launch.launcher) << " to train on the CPU, but CPU ranks communicate over "
+      << "MPI. HINT: `nha train CONFIG --ranks " << launch.world_size << "` (or mpirun -np "
+      << launch.world_size << " nha train CONFIG) with train.device=cpu; --gpus is for GPUs";
+  return join_mpi_group(launch, timeout_s);
+}
+
 void check_gpus_request(int gpus, int visible_gpus, const LaunchInfo& launch) {
   NHA_CHECK(gpus >= 1) << "--gpus " << gpus << ": need at least one GPU. HINT: --gpus 2";
   if (gpus == 1) return;
@@ -158,6 +170,33 @@ std::string describe_status(int status) {
 }
 
 }  // namespace
+
+void exec_mpirun_ranks(int ranks) {
+  NHA_CHECK(ranks >= 2) << "internal: exec_mpirun_ranks(" << ranks << ")";
+  NHA_CHECK(mpi_built()) << "--ranks " << ranks << " on the CPU runs the ranks under mpirun, but "
+                         << "this binary was built without MPI. HINT: bash scripts/setup.sh "
+                         << "--with-mpi, then rebuild";
+  std::vector<std::string> args = own_command_line();  // nha train CONFIG ... --ranks N
+  char exe[4096];
+  const ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  NHA_CHECK(len > 0) << "cannot read /proc/self/exe: " << std::strerror(errno);
+  args[0] = std::string(exe, size_t(len));
+  // One core's share of OpenMP threads per rank, and no binding: a rank bound to one core would
+  // run all its threads there.
+  const long cores = std::max(1L, sysconf(_SC_NPROCESSORS_ONLN));
+  std::vector<std::string> cmd = {"mpirun", "-np", std::to_string(ranks), "--oversubscribe",
+                                  "--bind-to", "none", "-x",
+                                  "OMP_NUM_THREADS=" + std::to_string(std::max(1L, cores / ranks))};
+  if (geteuid() == 0) cmd.push_back("--allow-run-as-root");  // Open MPI refuses root otherwise
+  cmd.insert(cmd.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& a : cmd) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::fflush(stdout);
+  execvp("mpirun", argv.data());
+  NHA_FAIL() << "cannot run mpirun: " << std::strerror(errno) << ". HINT: bash scripts/setup.sh "
+             << "--with-mpi installs Open MPI (openmpi-bin)";
+}
 
 int run_local_ranks(int gpus, const std::string& run_dir) {
   NHA_CHECK(gpus >= 2 && gpus <= kMaxLocalRanks) << "--gpus " << gpus << ": 2 .. " << kMaxLocalRanks;

@@ -6,14 +6,13 @@
 #include <algorithm>
 #include <chrono>
 #include <fstream>
-#include <sstream>
 #include <string>
 #include <thread>
-#include <unordered_map>
 #include <vector>
 
 #include "core/clock.h"
 #include "core/fileio.h"
+#include "train/bucket_reducer.h"
 
 #ifdef NHA_WITH_NCCL
 #include <nccl.h>
@@ -21,10 +20,7 @@
 #include "kernels/cuda/cuda_common.h"
 #include "train/nccl_watchdog.h"
 #endif
-#ifdef NHA_WITH_MPI
-#define OMPI_SKIP_MPICXX 1  // the C API only: no deprecated C++ bindings to link
-#include <mpi.h>
-#endif
+#include "train/mpi_check.h"
 
 namespace nha::dist {
 
@@ -43,18 +39,6 @@ namespace nha::dist {
                     "rank shows its own error first";                                            \
   } while (0)
 
-#ifdef NHA_WITH_MPI
-#define MPI_CHECK(call)                                                                         \
-  do {                                                                                          \
-    const int nha_mpi_ = (call);                                                                \
-    if (nha_mpi_ != MPI_SUCCESS) {                                                              \
-      char nha_msg_[MPI_MAX_ERROR_STRING];                                                      \
-      int nha_len_ = 0;                                                                         \
-      MPI_Error_string(nha_mpi_, nha_msg_, &nha_len_);                                          \
-      NHA_FAIL() << "MPI error in " #call ": " << std::string(nha_msg_, size_t(nha_len_));      \
-    }                                                                                           \
-  } while (0)
-#endif
 
 namespace {
 
@@ -202,16 +186,12 @@ class NcclGroup final : public ProcessGroup {
   std::unique_ptr<Watchdog> watchdog_;
 };
 
-class NcclGradReducer final : public GradReducer {
+// Each bucket averaged by ncclAllReduce(ncclAvg) on the communication stream, once the compute
+// stream has produced its gradients; finish() makes the compute stream wait for the last one.
+class NcclGradReducer final : public BucketReducer {
  public:
   NcclGradReducer(NcclGroup& group, const std::vector<Tensor>& params, int64_t bucket_bytes)
-      : group_(group),
-        grads_(checked_params(params, group.device()),
-               std::max<int64_t>(1, bucket_bytes / int64_t(sizeof(float)))),
-        plan_(grads_.plan()) {
-    for (size_t i = 0; i < params.size(); ++i) index_[params[i].impl()] = i;
-    bucket_mib_ = double(bucket_bytes) / double(1 << 20);
-    waiting_.assign(plan_.buckets.size(), 0);
+      : BucketReducer(params, group.device(), bucket_bytes), group_(group) {
     cuda::DeviceGuard guard(group_.device().index);
     CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
@@ -222,85 +202,31 @@ class NcclGradReducer final : public GradReducer {
     cudaEventDestroy(done_);
   }
 
-  void begin(int64_t step) override {
-    for (size_t b = 0; b < plan_.buckets.size(); ++b)
-      waiting_[b] = int64_t(plan_.buckets[b].params.size());
-    next_ = 0;
-    step_ = step;
-  }
-
-  void grad_ready(const Tensor& leaf) override {
-    if (step_ < 0) return;  // outside begin() .. finish()
-    auto it = index_.find(leaf.impl());
-    if (it == index_.end()) return;  // a leaf that is not a parameter
-    const size_t i = it->second;
-    NHA_CHECK(grads_.holds(i))
-        << "data parallel: the gradient of parameter " << i << " (" << leaf.str() << ") is no "
-        << "longer a view of the bucket buffer. HINT: under data parallelism zero gradients with "
-        << "GradReducer::zero_grad, not AdamW::zero_grad";
-    const size_t b = plan_.bucket_of[i];
-    NHA_CHECK(waiting_[b] > 0) << "internal: a gradient was reported final twice in one backward";
-    if (--waiting_[b] == 0)
-      while (next_ < plan_.buckets.size() && waiting_[next_] == 0) launch(next_++);
-  }
-
-  void finish() override {
-    NHA_CHECK(step_ >= 0) << "internal: GradReducer::finish without begin";
-    while (next_ < plan_.buckets.size()) launch(next_++);
-    cuda::DeviceGuard guard(group_.device().index);
-    CUDA_CHECK(cudaEventRecord(done_, group_.stream()));
-    CUDA_CHECK(cudaStreamWaitEvent(cuda::current_stream(group_.device().index), done_, 0));
-    step_ = -1;
-  }
-
-  void zero_grad() override { grads_.zero_grad(); }
-  FlatGrads& grads() override { return grads_; }
-
   std::string summary() const override {
-    std::ostringstream s;
-    s << plan_.buckets.size() << " gradient buckets of <= " << bucket_mib_ << " MiB over "
-      << index_.size() << " parameters, fp32 all-reduce (ncclAvg), overlapped with the backward";
-    return s.str();
+    return layout_summary() + ", fp32 all-reduce (ncclAvg), overlapped with the backward";
   }
 
  private:
-  // The parameters, once checked to be what NCCL reduces here: fp32 master weights on the GPU.
-  static const std::vector<Tensor>& checked_params(const std::vector<Tensor>& params,
-                                                   Device device) {
-    for (size_t i = 0; i < params.size(); ++i)
-      NHA_CHECK(params[i].dtype() == DType::F32 && params[i].device() == device)
-          << "data parallel: parameter " << i << " is " << params[i].str()
-          << ", expected f32 on " << device.str() << " (fp32 master weights)";
-    return params;
-  }
-
-  // Bucket b's gradients are final on the compute stream: average them over the ranks, in place,
-  // on the communication stream once the compute stream has got there.
-  void launch(size_t b) {
-    const GradBucket& k = plan_.buckets[b];
+  void start_bucket(size_t b) override {
     const int device = group_.device().index;
     cuda::DeviceGuard guard(device);
     CUDA_CHECK(cudaEventRecord(ready_, cuda::current_stream(device)));
     CUDA_CHECK(cudaStreamWaitEvent(group_.stream(), ready_, 0));
-    float* base = grads_.buffer().data<float>() + k.begin;  // (end - begin,) the bucket
-    NCCL_CHECK(ncclAllReduce(base, base, size_t(k.end - k.begin), ncclFloat32, ncclAvg,
+    float* base = bucket_data(b);  // (bucket_size(b),)
+    NCCL_CHECK(ncclAllReduce(base, base, size_t(bucket_size(b)), ncclFloat32, ncclAvg,
                              group_.comm(), group_.stream()));
-    group_.watchdog().watch(group_.stream(), "the all-reduce of gradient bucket " +
-                                                 std::to_string(b + 1) + "/" +
-                                                 std::to_string(plan_.buckets.size()) +
-                                                 " of step " + std::to_string(step_));
+    group_.watchdog().watch(group_.stream(), bucket_name(b));
+  }
+
+  void wait_all() override {
+    cuda::DeviceGuard guard(group_.device().index);
+    CUDA_CHECK(cudaEventRecord(done_, group_.stream()));
+    CUDA_CHECK(cudaStreamWaitEvent(cuda::current_stream(group_.device().index), done_, 0));
   }
 
   NcclGroup& group_;
-  FlatGrads grads_;               // f32 (plan_.total,): every gradient, bucket after bucket
-  const BucketPlan& plan_;        // grads_.plan()
-  double bucket_mib_ = 0;
-  std::unordered_map<const TensorImpl*, size_t> index_;  // parameter -> index
-  std::vector<int64_t> waiting_;  // per bucket: gradients not yet final in this backward
-  size_t next_ = 0;               // buckets [0, next_) are started (in order on every rank)
-  int64_t step_ = -1;             // the step being reduced; -1 outside begin() .. finish()
-  cudaEvent_t ready_ = nullptr;   // compute stream -> communication stream, reused per bucket
-  cudaEvent_t done_ = nullptr;    // communication stream -> compute stream, after the last bucket
+  cudaEvent_t ready_ = nullptr;  // compute stream -> communication stream, reused per bucket
+  cudaEvent_t done_ = nullptr;   // communication stream -> compute stream, after the last bucket
 };
 
 std::unique_ptr<GradReducer> NcclGroup::grad_reducer(const std::vector<Tensor>& params,
@@ -310,8 +236,7 @@ std::unique_ptr<GradReducer> NcclGroup::grad_reducer(const std::vector<Tensor>& 
 
 }  // namespace
 
-std::unique_ptr<ProcessGroup> join_process_group(const LaunchInfo& launch, double timeout_s) {
-  NHA_CHECK(launch.distributed()) << "internal: join_process_group for a single process";
+std::unique_ptr<ProcessGroup> join_nccl_group(const LaunchInfo& launch, double timeout_s) {
   NHA_CHECK(launch.launcher != Launcher::Mpi || mpi_built())
       << "started by mpirun with " << launch.world_size << " ranks, but this binary was built "
       << "without MPI. HINT: install libopenmpi-dev and rebuild, or on one machine use "
@@ -321,7 +246,7 @@ std::unique_ptr<ProcessGroup> join_process_group(const LaunchInfo& launch, doubl
 
 #else  // no NCCL
 
-std::unique_ptr<ProcessGroup> join_process_group(const LaunchInfo& launch, double) {
+std::unique_ptr<ProcessGroup> join_nccl_group(const LaunchInfo& launch, double) {
   NHA_FAIL() << "this process is rank " << launch.rank << " of " << launch.world_size << " ("
              << launcher_name(launch.launcher) << "), but the binary was built without NCCL. HINT: "
              << "install the CUDA toolkit and NCCL (libnccl-dev) and rebuild";

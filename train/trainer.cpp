@@ -146,10 +146,13 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   if (group_) {
     world_ = group_->world_size();
     rank_ = group_->rank();
-    NHA_CHECK(t.device == "auto" || t.device == "cuda")
-        << src << ": train.device is '" << t.device << "' but each data-parallel rank trains on "
-        << "its own GPU (cuda:<local rank>). HINT: --set train.device=auto";
     device_ = group_->device();
+    NHA_CHECK(device_.is_cpu() ? t.device == "cpu" || t.device == "auto"
+                               : t.device == "auto" || t.device == "cuda")
+        << src << ": train.device is '" << t.device << "' but each data-parallel rank trains on "
+        << (device_.is_cpu() ? "the CPU (MPI ranks)" : "its own GPU (cuda:<local rank>)")
+        << ". HINT: --set train.device=" << (device_.is_cpu() ? "cpu" : "auto");
+    check_config_agrees_across_ranks();
   } else {
     device_ = resolve_device(t.device);
   }
@@ -301,6 +304,23 @@ void Trainer::setup_data() {
   }
   NHA_CHECK(train_source_->local_batch() % t.micro_batch == 0) << "internal: batch rows";
   accumulation_ = train_source_->local_batch() / t.micro_batch;
+}
+
+// Ranks that disagree (another config file, another --set) would average the gradients of
+// different models or schedules. Compares a 40-bit hash of the resolved config: for each 20-bit
+// half x, sum(x)^2 == W sum(x^2) over the W ranks exactly when every rank has the same x
+// (Cauchy-Schwarz), and every sum is exact in doubles.
+void Trainer::check_config_agrees_across_ranks() {
+  const std::string yaml = to_yaml(config_);
+  const uint64_t h = xxh64(yaml.data(), yaml.size(), 0);
+  const double lo = double(h & 0xFFFFF), hi = double((h >> 20) & 0xFFFFF);
+  const std::vector<double> s =
+      group_->all_reduce_sum({lo, lo * lo, hi, hi * hi}, "the config check before training");
+  const double w = double(world_);
+  NHA_CHECK(s[0] * s[0] == w * s[1] && s[2] * s[2] == w * s[3])
+      << config_.source << ": the resolved configs differ between ranks (this is rank " << rank_
+      << " of " << world_ << "). HINT: start every rank with the same config file and the same "
+      << "--set overrides";
 }
 
 data::Batch Trainer::next_batch() { return train_source_->next(); }

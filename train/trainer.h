@@ -124,6 +124,7 @@ class Trainer {
   void resume_from_newest_loadable(const std::vector<std::pair<int64_t, std::string>>& checkpoints);
   void log_line(const std::string& line);
   void setup_data();
+  void check_config_agrees_across_ranks();
   TrainState state() const;
   bool stop_requested_here() const;  // request_stop() or the stop flag, on this process
   bool stop_now() const;  // a stop was requested (under data parallelism: on any rank)

@@ -155,7 +155,16 @@ TEST(LaunchEnv, JoiningWithoutNcclIsRefused) {
   g.launcher = dist::Launcher::Gpus;
   g.world_size = 2;
   g.rendezvous = "x";
-  testing::expect_error([&] { dist::join_process_group(g, 10); }, {"without NCCL", "HINT"});
+  testing::expect_error([&] { dist::join_process_group(g, false, 10); }, {"without NCCL", "HINT"});
+}
+
+TEST(LaunchEnv, CpuRanksNeedMpirun) {
+  dist::LaunchInfo g;
+  g.launcher = dist::Launcher::Gpus;
+  g.world_size = 2;
+  g.rendezvous = "x";
+  testing::expect_error([&] { dist::join_process_group(g, true, 10); },
+                        {"communicate over MPI", "--ranks 2"});
 }
 
 // ---- split of the global batch --------------------------------------------------------------------
