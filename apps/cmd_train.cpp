@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "apps/cli.h"
+#include "apps/test_fault.h"
 #include "core/error.h"
 #include "core/fileio.h"
 #include "core/profile.h"
@@ -40,6 +41,7 @@ void register_train_commands(CLI::App& app) {
     auto resume = std::make_shared<bool>(false);
     auto quiet = std::make_shared<bool>(false);
     auto gpus = std::make_shared<int>(1);
+    auto ranks = std::make_shared<int>(1);
     CLI::App* c = app.add_subcommand("train", "train a model from a YAML run config");
     c->add_option("config", *config, "run config (configs/*.yaml)")->required();
     c->add_option("--set", *sets, "override a key: --set train.lr=1e-3 (repeatable)");
@@ -50,10 +52,28 @@ void register_train_commands(CLI::App& app) {
                   "data parallel on N GPUs of this machine: starts N processes (docs/distributed.md)")
         ->check(kPositive)
         ->capture_default_str();
+    c->add_option("--ranks", *ranks,
+                  "data parallel with N ranks on this machine: on GPUs the same as --gpus N; with "
+                  "train.device=cpu N processes under mpirun (docs/distributed.md)")
+        ->check(kPositive)
+        ->capture_default_str();
     c->callback([=] {
       RunConfig cfg = load_config(*config, *sets);
       const dist::LaunchInfo launch = dist::launch_info_from_env();
-      if (launch.launcher != dist::Launcher::Gpus) {
+      // CPU ranks communicate over MPI, GPU ranks over NCCL (train/distributed.h).
+      const bool cpu = cfg.train.device == "cpu" || (cfg.train.device == "auto" && cuda_device_count() == 0);
+      NHA_CHECK(*ranks == 1 || *gpus == 1 || *ranks == *gpus)
+          << "--ranks " << *ranks << " and --gpus " << *gpus << " disagree. HINT: give one of them";
+      const int n = std::max(*ranks, *gpus);
+      if (cpu && n > 1) {
+        NHA_CHECK(*gpus == 1) << "--gpus " << *gpus << " but the run trains on the CPU (train.device="
+                              << cfg.train.device << "). HINT: --ranks " << *gpus << " for CPU ranks";
+        if (launch.launcher == dist::Launcher::None) dist::exec_mpirun_ranks(n);
+        NHA_CHECK(launch.world_size == n)
+            << "started as rank " << launch.rank << " of " << launch.world_size << " by "
+            << dist::launcher_name(launch.launcher) << " but --ranks " << n << ". HINT: the same N";
+      } else if (launch.launcher != dist::Launcher::Gpus) {
+        *gpus = n;
         // Not a rank started by --gpus: maybe the parent that starts them.
         dist::check_gpus_request(*gpus, cuda_device_count(), launch);
         if (*gpus > 1) {
@@ -63,8 +83,8 @@ void register_train_commands(CLI::App& app) {
           return;
         }
       } else {
-        NHA_CHECK(launch.world_size == *gpus)
-            << dist::kEnvWorldSize << "=" << launch.world_size << " but --gpus " << *gpus
+        NHA_CHECK(launch.world_size == n)
+            << dist::kEnvWorldSize << "=" << launch.world_size << " but --gpus/--ranks " << n
             << ". HINT: NHA_RANK and friends are set by `nha train --gpus N`; unset them";
       }
       TrainerOptions o;
@@ -76,8 +96,11 @@ void register_train_commands(CLI::App& app) {
       try {
         // Declared before the trainer, so it is destroyed after it (also when an error unwinds).
         std::unique_ptr<dist::ProcessGroup> group;
-        if (launch.distributed()) group = dist::join_process_group(launch, cfg.train.dist_timeout_s);
+        if (launch.distributed())
+          group = dist::join_process_group(launch, cpu, cfg.train.dist_timeout_s);
         o.group = group.get();
+        if (launch.distributed())
+          o.before_step = [rank = launch.rank](int64_t step) { inject_test_fault(rank, step); };
         Trainer trainer(cfg, o);
         trainer.train();
         // Scripts must tell an interrupted run from a finished one: the shell's 128 + signal.

@@ -129,8 +129,9 @@ void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& g
                   bool retain_graph);
 
 // ---- custom ops with a hand-written backward ----------------------------------------------------
-// The way fused kernels (NHA, flash attention) plug in: compute the outputs yourself (grad mode is
-// off inside `forward`), save what you need in the context, and give the backward as a function.
+// A new fused op without a Node class of its own (the built-in ones, NHA and flash attention, are
+// named Nodes in autograd/ops/): compute the outputs yourself (grad mode is off inside `forward`),
+// save what you need in the context, and give the backward as a function.
 //
 //   auto outs = custom_op("MyOp", {x, w},
 //       [&](CustomOpContext& ctx) { ...; ctx.save(x); return std::vector<Tensor>{y}; },

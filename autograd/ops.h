@@ -21,7 +21,7 @@ inline Tensor operator*(double s, const Tensor& a) { return scale(a, s); }
 
 // ---- casts (Tensor::to is the ordinary one) -----------------------------------------------------
 // x.to(copy.dtype()) where `copy` (same shape and device) already holds exactly those values: a
-// weight copy kept current by its owner (AdamW's bf16 copy, train/autocast.h). Returns an alias of
+// weight copy kept current by its owner (AdamW's bf16 copy, autograd/autocast.h). Returns an alias of
 // `copy`, recorded with x.to()'s backward: the gradient is cast back to x's dtype and reaches x.
 Tensor cast_alias(const Tensor& x, const Tensor& copy);
 
@@ -29,6 +29,9 @@ Tensor cast_alias(const Tensor& x, const Tensor& copy);
 Tensor sum(const Tensor& a);                               // scalar (shape [])
 Tensor mean(const Tensor& a);                              // scalar
 Tensor sum(const Tensor& a, int64_t dim, bool keepdim = false);
+// rows [N, C] floating -> [N] i64: the first index of each row's maximum (greedy decoding,
+// accuracies). Not differentiable: the result records no gradient.
+Tensor argmax(const Tensor& rows);
 
 // ---- matrix products ----------------------------------------------------------------------------
 // a [..., M, K] @ b [K, N] -> [..., M, N]; or batched a [B, M, K] @ b [B, K, N] -> [B, M, N].
@@ -57,7 +60,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t wind
 // Same, also returning the log-sum-exp of the scores, lse [B, H, T] (not differentiable).
 std::pair<Tensor, Tensor> attention_with_lse(const Tensor& q, const Tensor& k, const Tensor& v,
                                              int64_t window = 0, double scale = 0.0);
-// Native Hybrid Attention core (SPEC-NHA §2; math in kernels/backend.h nha_forward):
+// Native Hybrid Attention core (docs/nha.md §2; math in kernels/backend.h nha_forward):
 // q, k (memory side, raw), qr, kr (window side, RoPE'd), v [B, T, H, D]; s, g [B, T, H, M]
 // -> [B, T, H, D]. window 0 = pure memory, >= T = full attention + M null slots.
 // scale <= 0 means 1/sqrt(D).

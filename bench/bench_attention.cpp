@@ -1,5 +1,5 @@
 // Attention kernel benchmark: our flash attention forward and forward+backward TFLOP/s for the
-// shapes of ../shared/bench/attn_sdpa.py (causal, bf16, B*T = 65536, H = 12, D = 64, T = 1k..32k),
+// shapes of bench/peer/attn_sdpa.py (causal, bf16, B*T = 65536, H = 12, D = 64, T = 1k..32k),
 // so the two can be compared side by side in one GPU run (scripts/gpu-check.sh does that).
 //
 // Timing: CUDA events around each call on the backend's stream, 3 warm-up calls, the median of

@@ -2,7 +2,7 @@
 #
 # A Llama-style model in the shape of configs/transformer-125m.yaml (vocab 16384, d 768, 14 layers,
 # 6 heads, SwiGLU hidden 2048, untied head, RMSNorm, RoPE, SDPA flash attention), the model of
-# ../shared/bench/peer_torch.py, trained the way `nha train` trains: the same global batch
+# bench/peer/peer_torch.py, trained the way `nha train` trains: the same global batch
 # (262144 tokens = 128 x 2048) split over the ranks and into micro-batches of 16 rows, gradient
 # accumulation with DDP's no_sync() on all but the last micro-batch (one all-reduce per step, in
 # 25 MB buckets overlapped with the backward, gradients as bucket views), bf16 autocast over fp32

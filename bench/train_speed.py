@@ -4,7 +4,7 @@
   ours  `nha train` of configs/transformer-FAMILY.yaml and configs/nha-FAMILY.yaml (--family 125m:
         d 768, 14 layers, 6 heads; 20m: d 256, 12 layers, 4 heads; NHA w 64, m 64, every 4th layer
         w >= T)
-  peer  the same Transformer++ shape in PyTorch (../shared/bench/peer_torch.py: eager and
+  peer  the same Transformer++ shape in PyTorch (bench/peer/peer_torch.py: eager and
         torch.compile, SDPA flash attention, fused AdamW), when --peer is given
 
 at every sequence length T (the peer at --peer-seq-lens) with B*T = --tokens-per-step tokens per
@@ -13,7 +13,7 @@ Our figure is the median tokens/s of the progress records after --warmup steps (
 the peer's is its own timed loop. Writes JSON and, when matplotlib is there, an SVG plot next to it.
 
   bench/train_speed.py --nha build-gpu/nha --data runs/data/quick/shards \
-      --peer .peer/peer_torch.py --out bench/results/train_speed.json
+      --peer bench/peer/peer_torch.py --out bench/results/train_speed.json
 
 The token ids of --data must be below the configs' vocab (16384): any shards of this project's
 tokenizers are (docs/data.md). The data's content does not matter for speed, but every run ends
@@ -115,7 +115,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--nha", required=True, help="the nha binary")
     ap.add_argument("--data", required=True, help="token shards directory (train and val)")
-    ap.add_argument("--peer", help="peer_torch.py (from ../shared/bench); omitted: no peer")
+    ap.add_argument("--peer", help="bench/peer/peer_torch.py; omitted: no peer")
     ap.add_argument("--family", choices=sorted(FAMILIES), default="125m",
                     help="which configs (configs/{transformer,nha}-FAMILY.yaml)")
     ap.add_argument("--seq-lens", default="2048,8192,32768")

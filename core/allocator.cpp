@@ -52,8 +52,6 @@ Allocator& allocator_for(DeviceKind kind) {
   return *a;
 }
 
-void register_allocator(DeviceKind kind, Allocator* allocator) { registered(kind) = allocator; }
-
 Storage::Storage(size_t nbytes, Device device) : nbytes_(nbytes), device_(device) {
   data_ = allocator_for(device.kind).allocate(nbytes, device.index);
 }

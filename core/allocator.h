@@ -20,8 +20,6 @@ class Allocator {
 };
 
 Allocator& allocator_for(DeviceKind kind);
-// Called by a backend when it is loaded; the registry does not take ownership.
-void register_allocator(DeviceKind kind, Allocator* allocator);
 #ifdef NHA_WITH_CUDA
 // The CUDA caching allocator (kernels/cuda/allocator.cpp). allocator_for(DeviceKind::CUDA)
 // registers it on first use: calling it from here makes the static-library linker keep the CUDA

@@ -2,9 +2,7 @@
 
 #include <sstream>
 
-#include "autograd/node.h"
 #include "core/random.h"
-#include "kernels/backend.h"
 
 namespace nha {
 
@@ -46,11 +44,8 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
   return Tensor(std::move(impl));
 }
 
-Tensor Tensor::full(const Shape& shape, double value, DType dtype, Device device) {
-  Tensor t = empty(shape, dtype, device);
-  backend_for(device).fill(t, value);
-  return t;
-}
+// full(), from_vector() and the random factories fill through a Backend: kernels/tensor_factories.cpp.
+// The in-place writes and backward() need autograd: autograd/tensor_autograd.cpp.
 
 Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device) {
   return full(shape, 0.0, dtype, device);
@@ -58,42 +53,6 @@ Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device) {
 
 Tensor Tensor::ones(const Shape& shape, DType dtype, Device device) {
   return full(shape, 1.0, dtype, device);
-}
-
-template <typename T>
-Tensor Tensor::from_vector(const std::vector<T>& values, const Shape& shape, Device device) {
-  NHA_CHECK(int64_t(values.size()) == numel_of(shape))
-      << values.size() << " values do not fill shape " << shape_str(shape);
-  Tensor t = empty(shape, dtype_of<T>::value, device);
-  backend_for(device).copy_bytes(t.data_ptr(), device, values.data(), Device::cpu(),
-                                 values.size() * sizeof(T));
-  return t;
-}
-template Tensor Tensor::from_vector(const std::vector<float>&, const Shape&, Device);
-template Tensor Tensor::from_vector(const std::vector<double>&, const Shape&, Device);
-template Tensor Tensor::from_vector(const std::vector<bf16>&, const Shape&, Device);
-template Tensor Tensor::from_vector(const std::vector<int32_t>&, const Shape&, Device);
-template Tensor Tensor::from_vector(const std::vector<int64_t>&, const Shape&, Device);
-
-namespace {
-thread_local bool skip_init_active = false;
-}  // namespace
-SkipInitGuard::SkipInitGuard() : prev_(skip_init_active) { skip_init_active = true; }
-SkipInitGuard::~SkipInitGuard() { skip_init_active = prev_; }
-
-Tensor Tensor::randn(const Shape& shape, Generator& gen, double std, DType dtype, Device device) {
-  Tensor t = empty(shape, dtype, device);
-  const uint64_t offset = gen.advance(uint64_t(t.numel()));
-  if (!skip_init_active) backend_for(device).fill_normal(t, gen.seed(), offset, std);
-  return t;
-}
-
-Tensor Tensor::rand(const Shape& shape, Generator& gen, double lo, double hi, DType dtype,
-                    Device device) {
-  Tensor t = empty(shape, dtype, device);
-  const uint64_t offset = gen.advance(uint64_t(t.numel()));
-  if (!skip_init_active) backend_for(device).fill_uniform(t, gen.seed(), offset, lo, hi);
-  return t;
 }
 
 // ---- properties ---------------------------------------------------------------------------------
@@ -170,56 +129,6 @@ Tensor make_view(const Tensor& base, const Shape& shape, const Shape& strides, i
   return Tensor(std::move(impl));
 }
 
-// ---- in-place -----------------------------------------------------------------------------------
-
-namespace {
-void check_inplace_allowed(const Tensor& t, const char* op) {
-  NHA_CHECK(!(t.is_leaf() && t.requires_grad() && autograd::grad_mode_enabled()))
-      << op << " on a leaf tensor that requires grad (" << t.str()
-      << "). HINT: wrap parameter updates in autograd::NoGradGuard";
-}
-// In-place kernels write contiguous memory; views with gaps must be made contiguous first.
-template <typename F>
-void write_inplace(Tensor& self, F&& write) {
-  NHA_CHECK(self.is_contiguous()) << "in-place write into a non-contiguous view " << self.str()
-                                  << ". HINT: call contiguous() first";
-  write(self);
-  self.impl()->storage->bump_version();
-}
-}  // namespace
-
-Tensor& Tensor::fill_(double value) {
-  check_inplace_allowed(*this, "fill_");
-  write_inplace(*this, [&](Tensor& t) { backend_for(t).fill(t, value); });
-  return *this;
-}
-
-Tensor& Tensor::copy_(const Tensor& src) {
-  check_inplace_allowed(*this, "copy_");
-  NHA_CHECK(src.shape() == shape()) << "copy_ from " << src.str() << " into " << str();
-  write_inplace(*this, [&](Tensor& t) {
-    Tensor s = src.detach().to(t.device()).to(t.dtype()).contiguous();
-    backend_for(t).copy_bytes(t.data_ptr(), t.device(), s.data_ptr(), s.device(), t.nbytes());
-  });
-  return *this;
-}
-
-Tensor& Tensor::add_(const Tensor& other, double alpha) {
-  check_inplace_allowed(*this, "add_");
-  check_same_shape(*this, other, "add_");
-  write_inplace(*this, [&](Tensor& t) {
-    Tensor o = other.detach().to(t.device()).to(t.dtype()).contiguous();
-    backend_for(t).add(t, t, o, 1.0, alpha);
-  });
-  return *this;
-}
-
-Tensor& Tensor::mul_(double factor) {
-  check_inplace_allowed(*this, "mul_");
-  write_inplace(*this, [&](Tensor& t) { backend_for(t).scale(t, t, factor); });
-  return *this;
-}
-
 void Tensor::set_data(const Tensor& other) {
   TensorImpl* impl = NHA_IMPL().get();
   impl->storage = other.impl()->storage;
@@ -249,17 +158,6 @@ Tensor& Tensor::mutable_grad() { return NHA_IMPL()->grad; }
 const std::shared_ptr<autograd::Node>& Tensor::grad_fn() const { return NHA_IMPL()->grad_fn; }
 uint32_t Tensor::output_nr() const { return NHA_IMPL()->output_nr; }
 
-void Tensor::backward(const Tensor& grad, bool retain_graph) const {
-  NHA_CHECK(requires_grad()) << "backward() on a tensor that does not require grad (" << str()
-                             << "). HINT: did any input have set_requires_grad(true)?";
-  Tensor g = grad;
-  if (!g.defined()) {
-    NHA_CHECK(numel() == 1) << "backward() without a gradient needs a scalar, got " << str();
-    g = Tensor::ones(shape(), dtype(), device());
-  }
-  autograd::run_backward({*this}, {g}, retain_graph);
-}
-
 Tensor Tensor::detach() const { return make_view(*this, shape(), strides(), impl()->offset); }
 
 // ---- checks -------------------------------------------------------------------------------------
@@ -269,10 +167,6 @@ void check_same_shape(const Tensor& a, const Tensor& b, const char* what) {
 }
 void check_dtype(const Tensor& t, DType dtype, const char* what) {
   NHA_CHECK(t.dtype() == dtype) << what << ": expected " << dtype_name(dtype) << ", got " << t.str();
-}
-void check_device(const Tensor& t, Device device, const char* what) {
-  NHA_CHECK(t.device() == device) << what << ": expected a tensor on " << device.str() << ", got "
-                                  << t.str();
 }
 
 }  // namespace nha

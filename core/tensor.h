@@ -139,6 +139,5 @@ Tensor make_view(const Tensor& base, const Shape& shape, const Shape& strides, i
 // Checks used by kernels and ops; they name the argument in the error.
 void check_same_shape(const Tensor& a, const Tensor& b, const char* what);
 void check_dtype(const Tensor& t, DType dtype, const char* what);
-void check_device(const Tensor& t, Device device, const char* what);
 
 }  // namespace nha

@@ -1,5 +1,5 @@
 // MQAR: multi-query associative recall (Arora, Eyuboglu et al., "Zoology", 2023), the synthetic
-// recall probe of SPEC-NHA. Follows zoology/data/multiquery_ar.py exactly in distribution:
+// recall probe of docs/nha.md §6. Follows zoology/data/multiquery_ar.py exactly in distribution:
 //
 //   vocabulary V: keys from [1, V/2), values from [V/2, V); an example of length L with K pairs:
 //   positions 0 .. 2K-1        k1 v1 k2 v2 ... kK vK          (K distinct keys, K distinct values)
@@ -40,7 +40,7 @@ struct MqarOptions {
 };
 
 // Named settings (V = 8192):
-//   "train"          (L, K, N) = (64, 4, 100k), (128, 8, 20k), (256, 16, 20k)     [SPEC-NHA §6], seed 0
+//   "train"          (L, K, N) = (64, 4, 100k), (128, 8, 20k), (256, 16, 20k)     [docs/nha.md §6], seed 0
 //   "zoology-train"  the above + (256, 32, 20k), (256, 64, 20k)   [Zoology's standard sweep], seed 0
 //   "test"           (64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256),
 //                    1000 examples each, seed 1000 (different examples from train)

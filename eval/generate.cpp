@@ -5,9 +5,10 @@
 #include <cmath>
 #include <numeric>
 
+#include "autograd/autocast.h"
 #include "autograd/node.h"
 #include "core/random.h"
-#include "train/autocast.h"
+#include "eval/request_batching.h"
 
 namespace nha::eval {
 
@@ -129,6 +130,46 @@ GenerationResult generate(const LanguageModel& model,
   }
   r.decode_seconds = seconds_since(t_decode);
   return r;
+}
+
+std::vector<std::vector<int32_t>> generate_greedy_cached(
+    const LanguageModel& model, DType compute_dtype, const std::vector<GenerateRequest>& requests,
+    int64_t max_new_tokens, const StopFn& stop, const ScoreOptions& options) {
+  std::vector<std::vector<int32_t>> out(requests.size());
+  // Rows that generate_greedy would cut (prompt + new tokens beyond max_len) keep its results.
+  std::vector<size_t> cached, cut;
+  std::vector<size_t> lengths;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    NHA_CHECK(!requests[i].prompt.empty()) << "generation needs a non-empty prompt";
+    const bool fits = int64_t(requests[i].prompt.size()) + max_new_tokens - 1 <= options.max_len;
+    (fits ? cached : cut).push_back(i);
+    if (fits) lengths.push_back(requests[i].prompt.size());
+  }
+  if (!cut.empty()) {
+    const LogitsFn forward = [&](const Tensor& ids) {
+      AutocastGuard autocast(compute_dtype);
+      return model.forward(ids);
+    };
+    std::vector<GenerateRequest> long_requests;
+    for (size_t i : cut) long_requests.push_back(requests[i]);
+    const auto generated = generate_greedy(forward, long_requests, max_new_tokens, stop, options);
+    for (size_t j = 0; j < cut.size(); ++j) out[cut[j]] = generated[j];
+  }
+  const std::vector<size_t> order = longest_first(lengths);  // indices into `cached`
+  SamplingOptions greedy;
+  greedy.max_new_tokens = max_new_tokens;
+  Progress progress(options.label, int64_t(order.size()));
+  for (size_t start = 0; start < order.size();) {
+    const int64_t L0 = int64_t(lengths[order[start]]) + max_new_tokens;
+    const size_t n = std::clamp<size_t>(size_t(options.batch_tokens / L0), 1, order.size() - start);
+    std::vector<std::vector<int32_t>> prompts;
+    for (size_t b = 0; b < n; ++b) prompts.push_back(requests[cached[order[start + b]]].prompt);
+    const GenerationResult r = generate(model, prompts, greedy, stop, compute_dtype);
+    for (size_t b = 0; b < n; ++b) out[cached[order[start + b]]] = r.tokens[b];
+    start += n;
+    progress.update(int64_t(start), r.new_tokens);
+  }
+  return out;
 }
 
 }  // namespace nha::eval

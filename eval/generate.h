@@ -54,4 +54,12 @@ GenerationResult generate(const LanguageModel& model,
                           const SamplingOptions& o, const StopFn& stop = {},
                           DType compute_dtype = DType::F32);
 
+// The same results with a LanguageModel's caches: one prefill per prompt, then
+// one decode_step per token, for batches of rows x (prompt + max_new_tokens) <= batch_tokens. The
+// model runs under autocast to compute_dtype. Requests whose prompt plus new tokens exceed
+// max_len (where generate_greedy starts cutting the prefix) go through generate_greedy.
+std::vector<std::vector<int32_t>> generate_greedy_cached(
+    const LanguageModel& model, DType compute_dtype, const std::vector<GenerateRequest>& requests,
+    int64_t max_new_tokens, const StopFn& stop, const ScoreOptions& options);
+
 }  // namespace nha::eval

@@ -1,21 +1,17 @@
 #include "eval/loglik.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
-#include <numeric>
 
 #include "autograd/node.h"
+#include "autograd/ops.h"
 #include "data/loader.h"
-#include "eval/generate.h"
+#include "eval/request_batching.h"
 #include "kernels/backend.h"
-#include "train/autocast.h"
 
 namespace nha::eval {
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 // One request laid out as model input: ids[i] predicts targets[i]; the last `scored` targets are
 // the continuation.
@@ -41,38 +37,6 @@ Row make_row(const LoglikRequest& r, int64_t max_len) {
   return row;
 }
 
-// Prints "label: done/total requests, tokens/s, ETA" at most every 5 s (and at the end).
-class Progress {
- public:
-  Progress(std::string label, int64_t total) : label_(std::move(label)), total_(total) {}
-  void update(int64_t done, int64_t tokens) {
-    tokens_ += tokens;
-    const double t = std::chrono::duration<double>(Clock::now() - start_).count();
-    if (label_.empty() || (done < total_ && t - last_ < 5.0)) return;
-    last_ = t;
-    const double eta = done > 0 ? t * double(total_ - done) / double(done) : 0.0;
-    std::fprintf(stderr, "%s: %lld/%lld requests, %.0f tok/s, %.0f s elapsed, ETA %.0f s\n",
-                 label_.c_str(), (long long)done, (long long)total_, double(tokens_) / t, t, eta);
-    std::fflush(stderr);
-  }
-
- private:
-  std::string label_;
-  int64_t total_, tokens_ = 0;
-  Clock::time_point start_ = Clock::now();
-  double last_ = 0;
-};
-
-// Request order for batching: longest first, so each batch's padding is small and the first
-// batch (the largest) shows at once whether memory suffices.
-std::vector<size_t> longest_first(const std::vector<size_t>& lengths) {
-  std::vector<size_t> order(lengths.size());
-  std::iota(order.begin(), order.end(), size_t(0));
-  std::stable_sort(order.begin(), order.end(),
-                   [&](size_t a, size_t b) { return lengths[a] > lengths[b]; });
-  return order;
-}
-
 // Right-padded ids [B, L] (pad 0) on `device` from rows of token ids.
 Tensor pack_ids(const std::vector<const std::vector<int32_t>*>& rows, int64_t L, Device device) {
   std::vector<int32_t> flat(rows.size() * size_t(L), 0);
@@ -93,9 +57,7 @@ Tensor logits_rows(const LogitsFn& model, const Tensor& ids) {
 }  // namespace
 
 std::vector<int64_t> row_argmax(const Tensor& rows) {
-  Tensor am = Tensor::empty({rows.size(0)}, DType::I64, rows.device());
-  backend_for(rows).argmax(am, rows);
-  Tensor c = am.to(Device::cpu());
+  Tensor c = argmax(rows).to(Device::cpu());
   return std::vector<int64_t>(c.data<int64_t>(), c.data<int64_t>() + c.numel());
 }
 
@@ -204,46 +166,6 @@ std::vector<std::vector<int32_t>> generate_greedy(const LogitsFn& model,
     for (size_t b = 0; b < n; ++b) generated_tokens += int64_t(out[order[start + b]].size());
     start += n;
     progress.update(int64_t(start), generated_tokens);
-  }
-  return out;
-}
-
-std::vector<std::vector<int32_t>> generate_greedy_cached(
-    const LanguageModel& model, DType compute_dtype, const std::vector<GenerateRequest>& requests,
-    int64_t max_new_tokens, const StopFn& stop, const ScoreOptions& options) {
-  std::vector<std::vector<int32_t>> out(requests.size());
-  // Rows that generate_greedy would cut (prompt + new tokens beyond max_len) keep its results.
-  std::vector<size_t> cached, cut;
-  std::vector<size_t> lengths;
-  for (size_t i = 0; i < requests.size(); ++i) {
-    NHA_CHECK(!requests[i].prompt.empty()) << "generation needs a non-empty prompt";
-    const bool fits = int64_t(requests[i].prompt.size()) + max_new_tokens - 1 <= options.max_len;
-    (fits ? cached : cut).push_back(i);
-    if (fits) lengths.push_back(requests[i].prompt.size());
-  }
-  if (!cut.empty()) {
-    const LogitsFn forward = [&](const Tensor& ids) {
-      AutocastGuard autocast(compute_dtype);
-      return model.forward(ids);
-    };
-    std::vector<GenerateRequest> long_requests;
-    for (size_t i : cut) long_requests.push_back(requests[i]);
-    const auto generated = generate_greedy(forward, long_requests, max_new_tokens, stop, options);
-    for (size_t j = 0; j < cut.size(); ++j) out[cut[j]] = generated[j];
-  }
-  const std::vector<size_t> order = longest_first(lengths);  // indices into `cached`
-  SamplingOptions greedy;
-  greedy.max_new_tokens = max_new_tokens;
-  Progress progress(options.label, int64_t(order.size()));
-  for (size_t start = 0; start < order.size();) {
-    const int64_t L0 = int64_t(lengths[order[start]]) + max_new_tokens;
-    const size_t n = std::clamp<size_t>(size_t(options.batch_tokens / L0), 1, order.size() - start);
-    std::vector<std::vector<int32_t>> prompts;
-    for (size_t b = 0; b < n; ++b) prompts.push_back(requests[cached[order[start + b]]].prompt);
-    const GenerationResult r = generate(model, prompts, greedy, stop, compute_dtype);
-    for (size_t b = 0; b < n; ++b) out[cached[order[start + b]]] = r.tokens[b];
-    start += n;
-    progress.update(int64_t(start), r.new_tokens);
   }
   return out;
 }

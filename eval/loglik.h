@@ -13,10 +13,6 @@
 
 #include "core/tensor.h"
 
-namespace nha {
-class LanguageModel;
-}
-
 namespace nha::eval {
 
 // ids [B, T] (i32, on the scoring device) -> logits [B, T, V] (any floating dtype, same device).
@@ -64,16 +60,8 @@ std::vector<std::vector<int32_t>> generate_greedy(const LogitsFn& model,
                                                   int64_t max_new_tokens, const StopFn& stop,
                                                   const ScoreOptions& options);
 
-// The same results with a LanguageModel's caches (eval/generate.h): one prefill per prompt, then
-// one decode_step per token, for batches of rows x (prompt + max_new_tokens) <= batch_tokens. The
-// model runs under autocast to compute_dtype. Requests whose prompt plus new tokens exceed
-// max_len (where generate_greedy starts cutting the prefix) go through generate_greedy.
-std::vector<std::vector<int32_t>> generate_greedy_cached(
-    const LanguageModel& model, DType compute_dtype, const std::vector<GenerateRequest>& requests,
-    int64_t max_new_tokens, const StopFn& stop, const ScoreOptions& options);
-
-// How a task generates: generate_greedy over a LogitsFn, or generate_greedy_cached bound to a
-// model (eval/runner.cpp).
+// How a task generates: generate_greedy over a LogitsFn, or generate_greedy_cached
+// (eval/generate.h) bound to a model (eval/runner.cpp).
 using GenerateFn = std::function<std::vector<std::vector<int32_t>>(
     const std::vector<GenerateRequest>& requests, int64_t max_new_tokens, const StopFn& stop,
     const ScoreOptions& options)>;

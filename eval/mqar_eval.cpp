@@ -6,22 +6,6 @@
 
 namespace nha::eval {
 
-PredictionCount count_correct_predictions(const Tensor& logits, const Tensor& targets) {
-  NHA_CHECK(logits.dim() == 3 && targets.dim() == 2 && logits.size(0) == targets.size(0) &&
-            logits.size(1) == targets.size(1))
-      << "count_correct_predictions: logits " << shape_str(logits.shape()) << " and targets "
-      << shape_str(targets.shape()) << " do not match ([B, T, V] and [B, T])";
-  const std::vector<int64_t> predicted = row_argmax(logits.reshape({-1, logits.size(2)}));
-  const std::vector<int32_t> target = targets.to(Device::cpu()).to_vector<int32_t>();
-  PredictionCount c;
-  for (size_t i = 0; i < target.size(); ++i) {
-    if (target[i] == data::kIgnoreIndex) continue;
-    ++c.queries;
-    c.correct += predicted[i] == target[i];
-  }
-  return c;
-}
-
 std::vector<MqarSettingResult> evaluate_mqar(const LogitsFn& model, const data::MqarOptions& preset,
                                              const ScoreOptions& options, int64_t limit) {
   autograd::NoGradGuard no_grad;

@@ -1,4 +1,4 @@
-// MQAR accuracy of a trained model (SPEC-NHA §6; data/mqar.h has the example definition).
+// MQAR accuracy of a trained model (docs/nha.md §6; data/mqar.h has the example definition).
 //
 //   MqarOptions test = data::mqar_preset("test");   // (L, K) from (64, 4) up to (1024, 256)
 //   std::vector<MqarSettingResult> r = evaluate_mqar(logits_fn(m), test, options);
@@ -13,6 +13,7 @@
 
 #include "data/mqar.h"
 #include "eval/loglik.h"
+#include "train/metrics.h"
 
 namespace nha::eval {
 
@@ -28,12 +29,5 @@ struct MqarSettingResult {
 // setting into forwards of at most options.batch_tokens tokens. The model needs vocab >= preset V.
 std::vector<MqarSettingResult> evaluate_mqar(const LogitsFn& model, const data::MqarOptions& preset,
                                              const ScoreOptions& options, int64_t limit = 0);
-
-// Query positions of targets [B, T] (entries != kIgnoreIndex) and how many of them the argmax of
-// logits [B, T, V] predicts. Logits stay on their device; only the argmax comes back.
-struct PredictionCount {
-  int64_t queries = 0, correct = 0;
-};
-PredictionCount count_correct_predictions(const Tensor& logits, const Tensor& targets);
 
 }  // namespace nha::eval

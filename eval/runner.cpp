@@ -5,9 +5,10 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "autograd/autocast.h"
 #include "autograd/node.h"
 #include "core/random.h"
-#include "train/autocast.h"
+#include "eval/generate.h"
 #include "train/checkpoint.h"
 
 namespace nha::eval {

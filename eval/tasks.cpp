@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "data/text_source.h"
 #include "eval/mqar_eval.h"
 
 namespace nha::eval {
@@ -71,23 +72,27 @@ const char* default_primary(Schema s) {
   return "acc";
 }
 
-// One JSON object per non-empty line; errors name file and line.
+// One JSON object per non-empty line (a .zst file decompressed on the fly); errors name file and
+// line.
 std::vector<json> read_jsonl(const std::string& path, int64_t limit) {
-  std::ifstream in(path);
-  NHA_CHECK(in.good()) << "cannot open task file '" << path
-                       << "'. HINT: pass --data-dir or a path to an existing JSONL file";
+  NHA_CHECK(fs::is_regular_file(path))
+      << "cannot open task file '" << path
+      << "'. HINT: pass --data-dir or a path to an existing JSONL file";
+  data::LineReader reader(path);
   std::vector<json> rows;
   std::string line;
-  for (int64_t lineno = 1; std::getline(in, line); ++lineno) {
+  while (reader.next(line)) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     try {
       rows.push_back(json::parse(line));
     } catch (const json::exception& e) {
-      NHA_FAIL() << path << ":" << lineno << ": not a JSON object (" << e.what()
+      NHA_FAIL() << path << ":" << reader.line_number() << ": not a JSON object (" << e.what()
                  << "). HINT: task files have one JSON object per line";
     }
     if (limit > 0 && int64_t(rows.size()) >= limit) break;
   }
+  // Stopped at the limit, a .zst's decompressor is cut off mid-stream: only a whole read is checked.
+  if (limit <= 0 || int64_t(rows.size()) < limit) reader.close();
   NHA_CHECK(!rows.empty()) << "task file '" << path << "' has no rows";
   return rows;
 }
@@ -297,8 +302,10 @@ std::string lower(std::string s) {
 TaskSpec resolve_task(const std::string& spec, const std::string& data_dir) {
   for (const KnownTask& k : kKnownTasks)
     if (spec == k.name) {
-      const std::string path =
-          k.schema == Schema::Mqar ? k.file : (fs::path(data_dir) / k.file).string();
+      if (k.schema == Schema::Mqar) return {k.name, k.file, k.schema, k.primary};
+      // The sets vendored in data/eval are compressed (FILE.zst); a plain FILE comes first.
+      std::string path = (fs::path(data_dir) / k.file).string();
+      if (!fs::exists(path) && fs::exists(path + ".zst")) path += ".zst";
       return {k.name, path, k.schema, k.primary};
     }
   // [name=]path[:schema]

@@ -28,6 +28,12 @@ int64_t ModelConfig::resolved_mlp_hidden() const {
   return 256 * ((target + 255) / 256);
 }
 
+MixerConfig MixerConfig::resolved() const {
+  MixerConfig m = *this;
+  if (m.type == MixerType::GSA) m.window = 0;
+  return m;
+}
+
 MixerConfig ModelConfig::mixer(int64_t layer) const {
   return mixers.empty() ? MixerConfig{} : mixers.at(size_t(layer));
 }

@@ -18,6 +18,9 @@ struct MixerConfig {
   // nha: the short-term window w (0 = pure memory; >= T = full attention + m null slots).
   int64_t window = 0;
   int64_t slots = 64;  // nha/gsa: memory slots m
+
+  // This mixer as it runs: gsa is nha without a window (docs/nha.md §3), whatever `window` says.
+  MixerConfig resolved() const;
 };
 
 struct ModelConfig {
@@ -25,7 +28,7 @@ struct ModelConfig {
   int64_t d_model = 0;
   int64_t n_layers = 0;
   int64_t n_heads = 0;
-  int64_t mlp_hidden = 0;  // 0: 256 * ceil((8d/3) / 256) (SPEC-NHA §3)
+  int64_t mlp_hidden = 0;  // 0: 256 * ceil((8d/3) / 256) (docs/nha.md §3)
   bool tie_embeddings = false;
   double norm_eps = 1e-6;
   double rope_base = 10000.0;

@@ -55,7 +55,7 @@ Tensor NhaMixer::forward(const Tensor& x) const {
 
 namespace {
 
-// One memory write per (row, head), SPEC-NHA §2, in place on Hk [BH, D, M], Hv [BH, M, D]:
+// One memory write per (row, head), docs/nha.md §2, in place on Hk [BH, D, M], Hv [BH, M, D]:
 //   Hk = Hk * a[None,:] + k s^T;  Hv = Hv * a[:,None] + s v^T;  a = e^g = 1 - s
 // k, v hold BH*D values, s BH*M (a ring slot or the current token). s = 0 (an empty slot) leaves
 // the memory exactly as it was.

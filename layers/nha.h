@@ -1,4 +1,4 @@
-// The Native Hybrid Attention mixer (SPEC-NHA §2) and its constant-memory decode form (§5).
+// The Native Hybrid Attention mixer (docs/nha.md §2) and its constant-memory decode form (§5).
 //
 //   q = x Wq^T, k = x Wk^T, v = SiLU(x Wv^T)            [B, T, H, hd]  (heads: slices of d)
 //   f = x Wf^T -> g = logsigmoid(f)/8, s = 1 - e^g       [B, T, H, M]   (head h: features h*M..)
@@ -9,11 +9,11 @@
 #pragma once
 #include <memory>
 
-#include "layers/transformer.h"
+#include "layers/mixer.h"
 
 namespace nha {
 
-// Generation state of one NHA layer for a batch of B rows (SPEC-NHA §5); its size does not grow
+// Generation state of one NHA layer for a batch of B rows (docs/nha.md §5); its size does not grow
 // with the number of tokens. f32 (f64 for an f64 model):
 //   Hk [B, H, hd, M], Hv [B, H, M, hd]   the memory
 //   rings of the last `cap` = min(window, max_len) steps (layers/transformer.h, step t in slot

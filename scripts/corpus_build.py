@@ -5,7 +5,7 @@ Called by scripts/get-corpus.sh, which downloads the packages and unpacks them u
 Output: one paragraph per line, one blank line between documents (what `nha prepare`'s default
 paragraph mode reads), plus a JSON manifest with per-source counts.
 
-Rules (../shared/CORPUS.md): per source, extract text (SWORD modules through mod2imp, dictd
+Rules (docs/data.md, "The corpus"): per source, extract text (SWORD modules through mod2imp, dictd
 files, fortunes, HTML pages, man pages through groff, info pages, R data through Rscript), keep
 English prose paragraphs (prose_ok), drop exact duplicate paragraphs (first occurrence wins, within
 and across sources), in a fixed source order over sorted file lists: the same packages give the

@@ -4,7 +4,7 @@
 #   scripts/get-corpus.sh [--quick] [--out DIR] [--jobs N]
 #
 # Full: ~60 packages (literature, Bibles and commentaries, dictionaries, fortunes, technical manuals,
-# man and info pages), ~150 MB of text, ~35 M tokens with a 16k BPE (../shared/CORPUS.md).
+# man and info pages), ~150 MB of text, ~35 M tokens with a 16k BPE (docs/data.md, "The corpus").
 # --quick: the small prose-only subset (two Bibles, a commentary, a hacker-culture book, two
 # dictionaries, fortunes): ~14 MB of text, ~3.4 M tokens (16k BPE), a few CPU minutes. (The Matthew
 # Henry commentary is full-build only: its 780k raw paragraphs, mostly duplicates and verse
@@ -43,7 +43,7 @@ if [[ $(id -u) -ne 0 ]]; then
   sudo="sudo"
 fi
 
-# Sources (../shared/CORPUS.md). Quick: prose only, small downloads.
+# Sources (docs/data.md, "The corpus"). Quick: prose only, small downloads.
 quick_pkgs=(sword-text-web sword-text-kjv sword-comm-scofield cfi-en dict-devil
             dict-jargon fortunes fortunes-min fortune-anarchism)
 full_pkgs=(r-cran-janeaustenr r-cran-tokenizers sword-comm-tdavid sword-comm-mhcc

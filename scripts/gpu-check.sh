@@ -3,8 +3,7 @@
 #   1. configure + build the GPU targets (nha_tests_gpu, bench_attention) with every core
 #   2. ctest -L gpu (every CUDA op vs the CPU reference, determinism, Philox CPU == GPU)
 #   3. compute-sanitizer memcheck over a smaller filtered set of the GPU tests
-#   4. benchmarks: bench_attention and, in the same run, the PyTorch SDPA peer (.peer/attn_sdpa.py,
-#      copied from ../shared/bench beforehand: mkdir -p .peer && cp ../shared/bench/*.py .peer/),
+#   4. benchmarks: bench_attention and, in the same run, the PyTorch SDPA peer (bench/peer/attn_sdpa.py),
 #      merged into attention.json with our/SDPA ratios; bench_nha (NHA core vs our flash attention)
 #      and bench/nha_peer.py (SDPA at the same shapes), merged into nha.json (+ nha.svg when
 #      matplotlib is there)
@@ -102,10 +101,10 @@ if [[ $bench == 1 ]]; then
   timeout 90 build-gpu/bench_attention "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench.log"
   echo "-- NHA_FLASH_VARIANT=1 (8 warps per block)" | tee -a "$OUT/bench.log"
   NHA_FLASH_VARIANT=1 timeout 90 build-gpu/bench_attention "$OUT/bench_attention_variant.json" 2>&1 | tee -a "$OUT/bench.log"
-  if [[ -f .peer/attn_sdpa.py ]]; then
-    (cd "$OUT" && PYTHONUNBUFFERED=1 timeout 90 python3 "$OLDPWD/.peer/attn_sdpa.py") 2>&1 | tee -a "$OUT/bench.log"
+  if python3 -c "import torch, triton" 2>/dev/null; then
+    (cd "$OUT" && PYTHONUNBUFFERED=1 timeout 90 python3 "$OLDPWD/bench/peer/attn_sdpa.py") 2>&1 | tee -a "$OUT/bench.log"
   else
-    echo "no .peer/attn_sdpa.py: copy ../shared/bench/*.py to .peer/ and carry .peer" | tee -a "$OUT/bench.log"
+    echo "no PyTorch with Triton here: no SDPA peer figures" | tee -a "$OUT/bench.log"
   fi
   python3 - "$OUT" <<'EOF' 2>&1 | tee -a "$OUT/bench.log"
 import json, os, sys
@@ -135,7 +134,7 @@ try:
     print("variant (8 warps/block):", " ".join(f"T={r['T']}: fwd {r['fwd_tflops']} f+b {r['fwdbwd_tflops']}" for r in var["results"]))
 except Exception as e:
     print("no variant figures:", e)
-ours["peer"] = "PyTorch SDPA (flash backend), ../shared/bench/attn_sdpa.py, same run"
+ours["peer"] = "PyTorch SDPA (flash backend), bench/peer/attn_sdpa.py, same run"
 json.dump(ours, open(os.path.join(out, "attention.json"), "w"), indent=1)
 EOF
   note "benchmarks: done ($((SECONDS - t0)) s), see bench.log / attention.json"

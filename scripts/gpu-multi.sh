@@ -8,7 +8,7 @@
 #   4. the benchmark bench/ddp_bench.py: tokens/s and scaling efficiency of transformer-125m and
 #      nha-125m at T 2048 on 1..N GPUs next to PyTorch DDP (bench/ddp_peer.py) -> $OUT/ddp.json
 #      (copy it to bench/results/ddp.json). Data: token shards made here from the first text of
-#      .peer/data/text/ (or ../shared/data/text/) with a 2048-token tokenizer.
+#      .peer/data/text/, else tests/data/tinyshakespeare.txt.zst, with a 2048-token tokenizer.
 # Every stage runs even when an earlier one failed (except after a failed build), logs to $OUT
 # and records its exit code; the last lines printed are a summary.
 #
@@ -81,11 +81,11 @@ fi
 if [[ $bench == 1 ]]; then
   t0=$SECONDS
   data=runs/data/ddp-bench
-  text=$(ls .peer/data/text/*.txt ../shared/data/text/*.txt 2>/dev/null | head -1)
+  text=$(ls .peer/data/text/*.txt tests/data/tinyshakespeare.txt.zst 2>/dev/null | head -1)
   rc=0
   if [[ ! -s $data/shards/manifest.json ]]; then
     if [[ -z $text ]]; then
-      echo "no text under .peer/data/text or ../shared/data/text for the benchmark's shards" | tee "$OUT/bench.log"
+      echo "no text under .peer/data/text nor tests/data/tinyshakespeare.txt.zst for the benchmark's shards" | tee "$OUT/bench.log"
       rc=1
     else
       mkdir -p $data

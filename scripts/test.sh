@@ -11,7 +11,9 @@
 # measured costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --with-mpi  # Open MPI: the CPU data-parallel tests run 2 ranks
+# Every library import points down the layers (docs/architecture.md); seconds, before the build.
+python3 scripts/check-imports.py
 # Where no GPU can run the CUDA code (CI), it is compiled as a check only: to compute_90a PTX
 # (ptxas is skipped) with nvcc's optimizers off (-O0 host code, -Xcicc -O0 device code: NVVM's
 # optimizer was half of a kernel file's compile time). With a GPU, the CUDA build is the normal one.

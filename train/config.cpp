@@ -90,34 +90,164 @@ void get_count(Section& s, const std::string& key, int64_t& out) {
   out = exact;
 }
 
+// ---- the keys of each section, listed once ---------------------------------------------------
+// The reader (ConfigReader below) and to_yaml (ConfigWriter) both walk these lists, so a key is
+// named in one place besides its struct. A visitor has value(key, x) for a scalar or a list of
+// strings, count(key, int64_t) for an integer that may be written 1e6, and one method per named
+// enum.
+
+template <typename Visitor, typename Mixer>
+void mixer_keys(Visitor& v, Mixer& m) {
+  v.mixer_type("type", m.type);
+  v.count("window", m.window);
+  v.count("slots", m.slots);
+}
+
+// The scalar keys of `model` (its mixers are read and written around them).
+template <typename Visitor, typename Model>
+void model_keys(Visitor& v, Model& m) {
+  v.count("vocab_size", m.vocab_size);
+  v.count("d_model", m.d_model);
+  v.count("n_layers", m.n_layers);
+  v.count("n_heads", m.n_heads);
+  v.count("mlp_hidden", m.mlp_hidden);
+  v.value("tie_embeddings", m.tie_embeddings);
+  v.value("norm_eps", m.norm_eps);
+  v.value("rope_base", m.rope_base);
+  v.value("init_std", m.init_std);
+}
+
+template <typename Visitor, typename Train>
+void train_keys(Visitor& v, Train& t) {
+  v.value("device", t.device);
+  v.value("precision", t.precision);
+  v.count("seq_len", t.seq_len);
+  v.count("global_batch_tokens", t.global_batch_tokens);
+  v.count("micro_batch", t.micro_batch);
+  v.count("steps", t.steps);
+  v.count("tokens", t.tokens);
+  v.value("lr", t.lr);
+  v.value("min_lr_ratio", t.min_lr_ratio);
+  v.count("warmup_steps", t.warmup_steps);
+  v.schedule("schedule", t.schedule);
+  v.value("decay_fraction", t.decay_fraction);
+  v.value("beta1", t.beta1);
+  v.value("beta2", t.beta2);
+  v.value("eps", t.eps);
+  v.value("weight_decay", t.weight_decay);
+  v.value("decay_norms_and_embeddings", t.decay_norms_and_embeddings);
+  v.value("grad_clip", t.grad_clip);
+  v.value("seed", t.seed);
+  v.count("max_bad_steps", t.max_bad_steps);
+  v.value("spike_factor", t.spike_factor);
+  v.value("dist_timeout_s", t.dist_timeout_s);
+  v.value("dist_bucket_mb", t.dist_bucket_mb);
+}
+
+template <typename Visitor, typename Data>
+void data_keys(Visitor& v, Data& d) {
+  v.value("type", d.type);
+  v.value("train", d.train);
+  v.value("val", d.val);
+  v.value("sampling", d.sampling);
+  v.value("mqar_preset", d.mqar_preset);
+}
+
+template <typename Visitor, typename Eval>
+void eval_keys(Visitor& v, Eval& e) {
+  v.count("interval", e.interval);
+  v.count("val_tokens", e.val_tokens);
+  v.value("tasks", e.tasks);
+}
+
+template <typename Visitor, typename Checkpoint>
+void checkpoint_keys(Visitor& v, Checkpoint& c) {
+  v.value("dir", c.dir);
+  v.count("interval", c.interval);
+  v.count("keep_last", c.keep_last);
+}
+
+template <typename Visitor, typename Logging>
+void logging_keys(Visitor& v, Logging& l) {
+  v.count("interval", l.interval);
+  v.value("run_dir", l.run_dir);
+}
+
+Schedule schedule_from_name(const std::string& name, const std::string& source) {
+  if (name == "cosine") return Schedule::Cosine;
+  if (name == "wsd") return Schedule::WSD;
+  if (name == "constant") return Schedule::Constant;
+  NHA_FAIL() << source << ": 'train.schedule' is '" << name << "'. HINT: use cosine, wsd or constant";
+}
+
+// Reads the keys of one section into a config struct (missing keys keep their defaults).
+class ConfigReader {
+ public:
+  ConfigReader(Section& section, const std::string& source) : s_(section), source_(source) {}
+  template <typename T>
+  void value(const char* key, T& out) { s_.get(key, out); }
+  void count(const char* key, int64_t& out) { get_count(s_, key, out); }
+  void schedule(const char* key, Schedule& out) {
+    std::string name = schedule_name(out);
+    s_.get(key, name);
+    out = schedule_from_name(name, source_);
+  }
+  void mixer_type(const char* key, MixerType& out) {
+    std::string name = mixer_type_name(out);
+    s_.get(key, name);
+    try {
+      out = mixer_type_from_name(name);
+    } catch (const Error&) {
+      NHA_FAIL() << source_ << ": '" << s_.where(key) << "' is '" << name
+                 << "'. HINT: use attention, nha or gsa";
+    }
+  }
+
+ private:
+  Section& s_;
+  const std::string& source_;
+};
+
+// Writes the keys of one section as `key: value` pairs of the current YAML map.
+class ConfigWriter {
+ public:
+  explicit ConfigWriter(YAML::Emitter& e) : e_(e) {}
+  template <typename T>
+  void value(const char* key, const T& v) {
+    e_ << YAML::Key << key << YAML::Value;
+    if constexpr (std::is_same_v<T, std::vector<std::string>>) e_ << YAML::Flow;
+    e_ << v;
+  }
+  void count(const char* key, const int64_t& v) { value(key, v); }
+  void schedule(const char* key, const Schedule& s) { value(key, schedule_name(s)); }
+  void mixer_type(const char* key, const MixerType& t) { value(key, mixer_type_name(t)); }
+
+ private:
+  YAML::Emitter& e_;
+};
+
+// Reads `keys` of the section `name` of `top` into `out` and refuses unknown keys.
+template <typename Config, typename Keys>
+void read_section(Section& top, const char* name, const std::string& source, Config& out,
+                  Keys keys) {
+  Section s(top.child(name), name, source);
+  ConfigReader r(s, source);
+  keys(r, out);
+  s.finish();
+}
+
 MixerConfig read_mixer(YAML::Node node, const std::string& path, const std::string& source,
                        MixerConfig m) {
   Section s(node, path, source);
-  std::string type = mixer_type_name(m.type);
-  s.get("type", type);
-  try {
-    m.type = mixer_type_from_name(type);
-  } catch (const Error&) {
-    NHA_FAIL() << source << ": '" << s.where("type") << "' is '" << type
-               << "'. HINT: use attention, nha or gsa";
-  }
-  get_count(s, "window", m.window);
-  get_count(s, "slots", m.slots);
+  ConfigReader r(s, source);
+  mixer_keys(r, m);
   s.finish();
-  if (m.type == MixerType::GSA) m.window = 0;  // gsa is nha without a window by definition
-  return m;
+  return m.resolved();
 }
 
 void read_model(Section s, ModelConfig& m, const std::string& source) {
-  get_count(s, "vocab_size", m.vocab_size);
-  get_count(s, "d_model", m.d_model);
-  get_count(s, "n_layers", m.n_layers);
-  get_count(s, "n_heads", m.n_heads);
-  get_count(s, "mlp_hidden", m.mlp_hidden);
-  s.get("tie_embeddings", m.tie_embeddings);
-  s.get("norm_eps", m.norm_eps);
-  s.get("rope_base", m.rope_base);
-  s.get("init_std", m.init_std);
+  ConfigReader r(s, source);
+  model_keys(r, m);
 
   // Per-layer mixers: `layers` (explicit list) wins; else `mixer` for every layer, with the
   // paper's placement of full-attention layers: layer % block_size == transformer_idx.
@@ -147,42 +277,6 @@ void read_model(Section s, ModelConfig& m, const std::string& source) {
     for (int64_t i = 0; i < m.n_layers; ++i)
       if (i % block_size == transformer_idx) m.mixers[size_t(i)] = fm;
   }
-}
-
-Schedule schedule_from_name(const std::string& name, const std::string& source) {
-  if (name == "cosine") return Schedule::Cosine;
-  if (name == "wsd") return Schedule::WSD;
-  if (name == "constant") return Schedule::Constant;
-  NHA_FAIL() << source << ": 'train.schedule' is '" << name << "'. HINT: use cosine, wsd or constant";
-}
-
-void read_train(Section s, TrainConfig& t, const std::string& source) {
-  s.get("device", t.device);
-  s.get("precision", t.precision);
-  get_count(s, "seq_len", t.seq_len);
-  get_count(s, "global_batch_tokens", t.global_batch_tokens);
-  get_count(s, "micro_batch", t.micro_batch);
-  get_count(s, "steps", t.steps);
-  get_count(s, "tokens", t.tokens);
-  s.get("lr", t.lr);
-  s.get("min_lr_ratio", t.min_lr_ratio);
-  get_count(s, "warmup_steps", t.warmup_steps);
-  std::string schedule = schedule_name(t.schedule);
-  s.get("schedule", schedule);
-  t.schedule = schedule_from_name(schedule, source);
-  s.get("decay_fraction", t.decay_fraction);
-  s.get("beta1", t.beta1);
-  s.get("beta2", t.beta2);
-  s.get("eps", t.eps);
-  s.get("weight_decay", t.weight_decay);
-  s.get("decay_norms_and_embeddings", t.decay_norms_and_embeddings);
-  s.get("grad_clip", t.grad_clip);
-  s.get("seed", t.seed);
-  get_count(s, "max_bad_steps", t.max_bad_steps);
-  s.get("spike_factor", t.spike_factor);
-  s.get("dist_timeout_s", t.dist_timeout_s);
-  s.get("dist_bucket_mb", t.dist_bucket_mb);
-  s.finish();
 }
 
 void apply_override(YAML::Node& root, const std::string& assignment, const std::string& source) {
@@ -259,36 +353,12 @@ RunConfig parse_config(const std::string& yaml_text, const std::string& source,
   c.source = source;
   Section top(root, "", source);
   read_model(Section(top.child("model"), "model", source), c.model, source);
-  read_train(Section(top.child("train"), "train", source), c.train, source);
-  {
-    Section s(top.child("data"), "data", source);
-    s.get("type", c.data.type);
-    s.get("train", c.data.train);
-    s.get("val", c.data.val);
-    s.get("sampling", c.data.sampling);
-    s.get("mqar_preset", c.data.mqar_preset);
-    s.finish();
-  }
-  {
-    Section s(top.child("eval"), "eval", source);
-    get_count(s, "interval", c.eval.interval);
-    get_count(s, "val_tokens", c.eval.val_tokens);
-    s.get("tasks", c.eval.tasks);
-    s.finish();
-  }
-  {
-    Section s(top.child("checkpoint"), "checkpoint", source);
-    s.get("dir", c.checkpoint.dir);
-    get_count(s, "interval", c.checkpoint.interval);
-    get_count(s, "keep_last", c.checkpoint.keep_last);
-    s.finish();
-  }
-  {
-    Section s(top.child("logging"), "logging", source);
-    get_count(s, "interval", c.logging.interval);
-    s.get("run_dir", c.logging.run_dir);
-    s.finish();
-  }
+  read_section(top, "train", source, c.train, [](auto& r, auto& t) { train_keys(r, t); });
+  read_section(top, "data", source, c.data, [](auto& r, auto& d) { data_keys(r, d); });
+  read_section(top, "eval", source, c.eval, [](auto& r, auto& e) { eval_keys(r, e); });
+  read_section(top, "checkpoint", source, c.checkpoint,
+               [](auto& r, auto& k) { checkpoint_keys(r, k); });
+  read_section(top, "logging", source, c.logging, [](auto& r, auto& l) { logging_keys(r, l); });
   top.finish();
   if (c.logging.run_dir.empty())
     c.logging.run_dir = "runs/" + std::filesystem::path(source).stem().string();
@@ -375,78 +445,30 @@ void RunConfig::validate() const {
 
 std::string to_yaml(const RunConfig& c) {
   YAML::Emitter e;
+  ConfigWriter w(e);
   e << YAML::BeginMap;
   e << YAML::Key << "model" << YAML::Value << YAML::BeginMap;
-  const ModelConfig& m = c.model;
-  e << YAML::Key << "vocab_size" << YAML::Value << m.vocab_size;
-  e << YAML::Key << "d_model" << YAML::Value << m.d_model;
-  e << YAML::Key << "n_layers" << YAML::Value << m.n_layers;
-  e << YAML::Key << "n_heads" << YAML::Value << m.n_heads;
-  e << YAML::Key << "mlp_hidden" << YAML::Value << m.resolved_mlp_hidden();
-  e << YAML::Key << "tie_embeddings" << YAML::Value << m.tie_embeddings;
-  e << YAML::Key << "norm_eps" << YAML::Value << m.norm_eps;
-  e << YAML::Key << "rope_base" << YAML::Value << m.rope_base;
-  e << YAML::Key << "init_std" << YAML::Value << m.init_std;
+  ModelConfig m = c.model;
+  m.mlp_hidden = m.resolved_mlp_hidden();  // the width the model has, not 0 for "default"
+  model_keys(w, m);
   e << YAML::Key << "layers" << YAML::Value << YAML::BeginSeq;
   for (int64_t i = 0; i < m.n_layers; ++i) {
-    MixerConfig x = m.mixer(i);
-    e << YAML::Flow << YAML::BeginMap << YAML::Key << "type" << YAML::Value
-      << mixer_type_name(x.type) << YAML::Key << "window" << YAML::Value << x.window
-      << YAML::Key << "slots" << YAML::Value << x.slots << YAML::EndMap;
+    const MixerConfig x = m.mixer(i);
+    e << YAML::Flow << YAML::BeginMap;
+    mixer_keys(w, x);
+    e << YAML::EndMap;
   }
   e << YAML::EndSeq << YAML::EndMap;
-
-  const TrainConfig& t = c.train;
-  e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "device" << YAML::Value << t.device;
-  e << YAML::Key << "precision" << YAML::Value << t.precision;
-  e << YAML::Key << "seq_len" << YAML::Value << t.seq_len;
-  e << YAML::Key << "global_batch_tokens" << YAML::Value << t.global_batch_tokens;
-  e << YAML::Key << "micro_batch" << YAML::Value << t.micro_batch;
-  e << YAML::Key << "steps" << YAML::Value << t.steps;
-  e << YAML::Key << "tokens" << YAML::Value << t.tokens;
-  e << YAML::Key << "lr" << YAML::Value << t.lr;
-  e << YAML::Key << "min_lr_ratio" << YAML::Value << t.min_lr_ratio;
-  e << YAML::Key << "warmup_steps" << YAML::Value << t.warmup_steps;
-  e << YAML::Key << "schedule" << YAML::Value << schedule_name(t.schedule);
-  e << YAML::Key << "decay_fraction" << YAML::Value << t.decay_fraction;
-  e << YAML::Key << "beta1" << YAML::Value << t.beta1;
-  e << YAML::Key << "beta2" << YAML::Value << t.beta2;
-  e << YAML::Key << "eps" << YAML::Value << t.eps;
-  e << YAML::Key << "weight_decay" << YAML::Value << t.weight_decay;
-  e << YAML::Key << "decay_norms_and_embeddings" << YAML::Value << t.decay_norms_and_embeddings;
-  e << YAML::Key << "grad_clip" << YAML::Value << t.grad_clip;
-  e << YAML::Key << "seed" << YAML::Value << t.seed;
-  e << YAML::Key << "max_bad_steps" << YAML::Value << t.max_bad_steps;
-  e << YAML::Key << "spike_factor" << YAML::Value << t.spike_factor;
-  e << YAML::Key << "dist_timeout_s" << YAML::Value << t.dist_timeout_s;
-  e << YAML::Key << "dist_bucket_mb" << YAML::Value << t.dist_bucket_mb;
-  e << YAML::EndMap;
-
-  e << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "type" << YAML::Value << c.data.type;
-  e << YAML::Key << "train" << YAML::Value << c.data.train;
-  e << YAML::Key << "val" << YAML::Value << c.data.val;
-  e << YAML::Key << "sampling" << YAML::Value << c.data.sampling;
-  e << YAML::Key << "mqar_preset" << YAML::Value << c.data.mqar_preset;
-  e << YAML::EndMap;
-
-  e << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "interval" << YAML::Value << c.eval.interval;
-  e << YAML::Key << "val_tokens" << YAML::Value << c.eval.val_tokens;
-  e << YAML::Key << "tasks" << YAML::Value << YAML::Flow << c.eval.tasks;
-  e << YAML::EndMap;
-
-  e << YAML::Key << "checkpoint" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "dir" << YAML::Value << c.checkpoint.dir;
-  e << YAML::Key << "interval" << YAML::Value << c.checkpoint.interval;
-  e << YAML::Key << "keep_last" << YAML::Value << c.checkpoint.keep_last;
-  e << YAML::EndMap;
-
-  e << YAML::Key << "logging" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "interval" << YAML::Value << c.logging.interval;
-  e << YAML::Key << "run_dir" << YAML::Value << c.logging.run_dir;
-  e << YAML::EndMap;
+  const auto section = [&](const char* name, const auto& config, auto keys) {
+    e << YAML::Key << name << YAML::Value << YAML::BeginMap;
+    keys(w, config);
+    e << YAML::EndMap;
+  };
+  section("train", c.train, [](auto& v, auto& t) { train_keys(v, t); });
+  section("data", c.data, [](auto& v, auto& d) { data_keys(v, d); });
+  section("eval", c.eval, [](auto& v, auto& x) { eval_keys(v, x); });
+  section("checkpoint", c.checkpoint, [](auto& v, auto& k) { checkpoint_keys(v, k); });
+  section("logging", c.logging, [](auto& v, auto& l) { logging_keys(v, l); });
   e << YAML::EndMap;
   return std::string(e.c_str()) + "\n";
 }

@@ -14,7 +14,8 @@
 //   loss, stop flag                        one small all-reduce: the guard and Ctrl-C decide alike
 //   clip, guard, AdamW                     identical on every rank (identical averaged gradients)
 //
-// Gradients are views of one flat fp32 buffer laid out bucket by bucket (FlatGrads), so the
+// Gradients are views of one flat fp32 buffer laid out bucket by bucket (FlatGrads,
+// train/flat_grads.h), so the
 // all-reduce works in place with no copy in or out. Parameters are laid out in reverse
 // registration order: the backward produces the last layers' gradients first, so the first
 // buckets fill first.
@@ -34,6 +35,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "train/flat_grads.h"
 
 namespace nha::dist {
 
@@ -85,51 +87,10 @@ void check_gpus_request(int gpus, int visible_gpus, const LaunchInfo& launch);
 // checkpoint; not a failure).
 int run_local_ranks(int gpus, const std::string& run_dir);
 
-// ---- gradient buckets ------------------------------------------------------------------------------
-
-struct GradBucket {
-  int64_t begin = 0, end = 0;   // element range [begin, end) of the flat gradient buffer
-  std::vector<size_t> params;   // parameter indices, in layout order
-};
-
-struct BucketPlan {
-  std::vector<int64_t> offset;     // (P,) element offset of parameter i's gradient in the buffer
-  std::vector<size_t> bucket_of;   // (P,) bucket of parameter i
-  std::vector<GradBucket> buckets; // consecutive ranges that tile [0, total)
-  int64_t total = 0;               // elements of the flat buffer, padding included
-};
-
-// Lays out P gradients of numels[i] elements (registration order) in one flat buffer, in
-// reverse order, each offset a multiple of `align` elements (aligned vector loads, and NCCL's
-// fast path). A bucket takes parameters until the next one would take it past
-// `bucket_elements`; a larger parameter gets a bucket of its own.
-BucketPlan plan_buckets(const std::vector<int64_t>& numels, int64_t bucket_elements,
-                        int64_t align = 64);
-
-// The gradients of `params` (contiguous tensors of one dtype on one device) as views of one flat
-// buffer laid out by plan_buckets(numels, bucket_elements): the data-parallel reducer all-reduces
-// it bucket by bucket, and single-process training uses it with one bucket. AdamW lays its flat
-// parameters out the same way (train/optim.h), so it reads this buffer as it is, and
-// clip_grad_norm_flat sees every gradient in one reduction. Every gradient is defined from the
-// start (zeros): a parameter that gets no gradient in a step is updated with a zero gradient
-// (its moments decay), as under data parallelism.
-class FlatGrads {
- public:
-  FlatGrads(const std::vector<Tensor>& params, int64_t bucket_elements);
-  // Zeroes the buffer (padding included) and makes every grad() its view again; the next
-  // backward accumulates into it.
-  void zero_grad();
-  const BucketPlan& plan() const { return plan_; }
-  Tensor& buffer() { return flat_; }  // (plan().total,) in the parameters' dtype
-  // Whether parameter i's gradient is still its view of the buffer.
-  bool holds(size_t i) const;
-
- private:
-  std::vector<Tensor> params_;
-  BucketPlan plan_;
-  Tensor flat_;                // (plan_.total,) every gradient, bucket after bucket
-  std::vector<Tensor> views_;  // (P,) flat_[offset_i, offset_i + numel_i) shaped like param i
-};
+// `--ranks N` of a run on the CPU: replaces this process by `mpirun -np N` of the same command
+// line (every rank sees --ranks N and joins over MPI), with OMP_NUM_THREADS = cores / N per rank.
+// Does not return; fails with a hint when MPI or mpirun is missing.
+[[noreturn]] void exec_mpirun_ranks(int ranks);
 
 // ---- the communicator ----------------------------------------------------------------------------
 
@@ -158,10 +119,18 @@ class ProcessGroup {
                                                     int64_t bucket_bytes) = 0;
 };
 
-// Joins the job described by `launch` (launch.distributed() must hold): picks cuda:local_rank,
-// gets rank 0's NCCL unique id (file rendezvous or MPI broadcast), creates the communicator and
-// starts the watchdog with `timeout_s`. Throws on a build without NCCL.
-std::unique_ptr<ProcessGroup> join_process_group(const LaunchInfo& launch, double timeout_s);
+// Joins the job described by `launch` (launch.distributed() must hold) with the communicator of
+// the device the ranks train on, and starts its watchdog with `timeout_s`:
+//   GPUs (cpu = false): NCCL (join_nccl_group), every rank on cuda:local_rank; started by --gpus
+//                       or mpirun
+//   CPUs (cpu = true):  MPI (join_mpi_group), every rank on the CPU; started by mpirun (or by
+//                       `nha train --ranks N`, which runs mpirun)
+// the way PyTorch has Gloo beside NCCL. Throws with a hint on a build without the one it needs.
+std::unique_ptr<ProcessGroup> join_process_group(const LaunchInfo& launch, bool cpu,
+                                                 double timeout_s);
+// The two communicators: train/nccl_group.cpp, train/mpi_group.cpp.
+std::unique_ptr<ProcessGroup> join_nccl_group(const LaunchInfo& launch, double timeout_s);
+std::unique_ptr<ProcessGroup> join_mpi_group(const LaunchInfo& launch, double timeout_s);
 
 // Averages the gradients over the ranks, bucket by bucket, during the last backward of a step.
 class GradReducer {
@@ -181,9 +150,5 @@ class GradReducer {
   virtual FlatGrads& grads() = 0;
   virtual std::string summary() const = 0;  // "9 buckets of <= 25 MiB over 124.3M gradients"
 };
-
-// Fault injection for tests/multigpu (docs/distributed.md): NHA_TEST_FAULT=exit:RANK:STEP ends
-// that rank with status 7 before the step, hang:RANK:STEP makes it sleep forever there.
-void inject_test_fault(int rank, int64_t step);
 
 }  // namespace nha::dist

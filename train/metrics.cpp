@@ -13,9 +13,11 @@
 #include <sstream>
 #include <vector>
 
+#include "autograd/ops.h"
 #include "core/allocator.h"
 #include "core/error.h"
 #include "core/fileio.h"
+#include "data/loader.h"
 
 namespace nha {
 
@@ -138,5 +140,23 @@ void MetricsLog::write(const nlohmann::json& record) {
              << " (the records before it are kept). HINT: is the disk full? Free space and "
              << "continue with --resume";
 }
+
+PredictionCount count_correct_predictions(const Tensor& logits, const Tensor& targets) {
+  NHA_CHECK(logits.dim() == 3 && targets.dim() == 2 && logits.size(0) == targets.size(0) &&
+            logits.size(1) == targets.size(1))
+      << "count_correct_predictions: logits " << shape_str(logits.shape()) << " and targets "
+      << shape_str(targets.shape()) << " do not match ([B, T, V] and [B, T])";
+  const std::vector<int64_t> predicted =
+      argmax(logits.reshape({-1, logits.size(2)})).to(Device::cpu()).to_vector<int64_t>();
+  const std::vector<int32_t> target = targets.to(Device::cpu()).to_vector<int32_t>();
+  PredictionCount c;
+  for (size_t i = 0; i < target.size(); ++i) {
+    if (target[i] == data::kIgnoreIndex) continue;
+    ++c.queries;
+    c.correct += predicted[i] == target[i];
+  }
+  return c;
+}
+
 
 }  // namespace nha

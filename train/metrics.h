@@ -13,6 +13,7 @@
 #include <string>
 
 #include "core/device.h"
+#include "core/tensor.h"
 #include "layers/model_config.h"
 
 namespace nha {
@@ -39,6 +40,14 @@ void reset_memory_peak(Device device);  // CUDA: start a new high-water mark; CP
 std::string format_count(double n);
 std::string format_duration(double seconds);
 std::string format_bytes(double bytes);
+
+// Query positions of targets [B, T] (entries != data::kIgnoreIndex) and how many of them the
+// argmax of logits [B, T, V] predicts (MQAR accuracy, in validation and in `nha eval`). Logits stay
+// on their device; only the argmax comes back.
+struct PredictionCount {
+  int64_t queries = 0, correct = 0;
+};
+PredictionCount count_correct_predictions(const Tensor& logits, const Tensor& targets);
 
 // Appends one JSON object per line to RUN_DIR/metrics.jsonl: each record is one write(2) to the
 // file opened for appending, checked; a record the disk took only in part is cut off again and

@@ -5,10 +5,10 @@
 #include <limits>
 #include <set>
 
+#include "autograd/autocast.h"
 #include "autograd/node.h"
 #include "kernels/backend.h"
-#include "train/autocast.h"
-#include "train/distributed.h"
+#include "train/flat_grads.h"
 
 namespace nha {
 
@@ -48,7 +48,7 @@ AdamW::AdamW(std::vector<ParamEntry> params, AdamWOptions options, DType copy_dt
   const Device device = params_.empty() ? Device::cpu() : params_.front().param.device();
   // The gradient buffers' layout (one bucket: the buckets do not move the offsets), so that a flat
   // gradient buffer lines up with the parameters element for element.
-  const dist::BucketPlan plan = dist::plan_buckets(numels, std::numeric_limits<int64_t>::max());
+  const BucketPlan plan = plan_buckets(numels, std::numeric_limits<int64_t>::max());
   offset_ = plan.offset;
   flat_ = Tensor::zeros({plan.total}, dtype, device);    // (total,)
   m_flat_ = Tensor::zeros({plan.total}, dtype, device);  // (total,)

@@ -7,10 +7,10 @@
 //   opt.step(lr_schedule(step));
 //   opt.zero_grad();
 //
-// The trainer's form: flat gradients (dist::FlatGrads, or the data-parallel reducer's) and a bf16
+// The trainer's form: flat gradients (FlatGrads, or the data-parallel reducer's) and a bf16
 // compute copy of the fp32 masters for autocast:
 //   AdamW opt(entries, options, DType::BF16);
-//   dist::FlatGrads grads(params, ...);
+//   FlatGrads grads(params, ...);
 //   ... loss.backward();                      (accumulates into grads.buffer())
 //   double norm = clip_grad_norm_flat(grads.buffer(), 1.0);
 //   opt.step(lr);                              (one kernel: every parameter and its bf16 copy)
@@ -48,7 +48,7 @@ struct AdamWOptions {
 // kernels/backend.h) over flat buffers. The constructor moves the parameters into one flat buffer:
 // each parameter becomes a view of it (Tensor::set_data: every handle to it, e.g. the module's,
 // sees the same values at the new place), laid out like the flat gradient buffers
-// (dist::plan_buckets: reverse registration order, offsets aligned to 64 elements). The moments
+// (plan_buckets: reverse registration order, offsets aligned to 64 elements). The moments
 // m and v are zero-initialized flat buffers of the parameters' dtype (f32; f64 for f64 parameters,
 // so float64 tests stay exact), seen per parameter through m(i), v(i). All parameters share one
 // device and dtype. One step counter is shared by all parameters (like llm.c): it counts calls to
@@ -57,7 +57,7 @@ class AdamW {
  public:
   // copy_dtype BF16 (f32 parameters only): also keep a flat bf16 copy of the parameters, written by
   // the update kernel, for autocast to use instead of casting every weight in every forward
-  // (WeightCopies, train/autocast.h). Any other value: no copy.
+  // (WeightCopies, autograd/autocast.h). Any other value: no copy.
   AdamW(std::vector<ParamEntry> params, AdamWOptions options, DType copy_dtype = DType::F32);
   ~AdamW();
   AdamW(const AdamW&) = delete;
@@ -67,7 +67,7 @@ class AdamW {
   // then updates every parameter whose grad() is defined in one Backend::adamw_step_flat call
   // (weight decay options.weight_decay where entry.decay, else 0) and writes its bf16 copy.
   // Parameters without a gradient are left alone (their moments too). When every gradient is a
-  // view of one buffer at this layout (dist::FlatGrads, the data-parallel reducer) that buffer is
+  // view of one buffer at this layout (FlatGrads, the data-parallel reducer) that buffer is
   // read as it is; other gradients are first gathered into a flat buffer of the optimizer's.
   // Parameters are updated in place (their storage version is bumped, so a graph that saved them
   // before the step refuses to run backward afterwards). Fails when a parameter is no longer a
@@ -121,7 +121,7 @@ class AdamW {
 // no clipping, only the norm. A non-finite norm is returned as is and nothing is scaled (the caller
 // decides whether to skip the step).
 double clip_grad_norm(const std::vector<Tensor>& params, double max_norm);
-// The same over a flat gradient buffer (dist::FlatGrads::buffer(): every gradient a view of it,
+// The same over a flat gradient buffer (FlatGrads::buffer(): every gradient a view of it,
 // the padding between them zero): one Backend::sum_squares over the buffer and, when clipping, one
 // scale of it in place.
 double clip_grad_norm_flat(Tensor& grads, double max_norm);

@@ -3,7 +3,6 @@
 #include <omp.h>
 #include <yaml-cpp/yaml.h>
 
-#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -14,11 +13,11 @@
 #include <optional>
 #include <sstream>
 
+#include "autograd/autocast.h"
 #include "autograd/node.h"
+#include "core/clock.h"
 #include "core/fileio.h"
 #include "data/mqar.h"
-#include "eval/mqar_eval.h"
-#include "train/autocast.h"
 #include "train/schedule.h"
 
 namespace fs = std::filesystem;
@@ -26,11 +25,6 @@ namespace fs = std::filesystem;
 namespace nha {
 
 namespace {
-
-double now_seconds() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
 
 std::string fmt(const char* f, double v) {
   char buf[64];
@@ -169,10 +163,13 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   if (group_) {
     world_ = group_->world_size();
     rank_ = group_->rank();
-    NHA_CHECK(t.device == "auto" || t.device == "cuda")
-        << src << ": train.device is '" << t.device << "' but each data-parallel rank trains on "
-        << "its own GPU (cuda:<local rank>). HINT: --set train.device=auto";
     device_ = group_->device();
+    NHA_CHECK(device_.is_cpu() ? t.device == "cpu" || t.device == "auto"
+                               : t.device == "auto" || t.device == "cuda")
+        << src << ": train.device is '" << t.device << "' but each data-parallel rank trains on "
+        << (device_.is_cpu() ? "the CPU (MPI ranks)" : "its own GPU (cuda:<local rank>)")
+        << ". HINT: --set train.device=" << (device_.is_cpu() ? "cpu" : "auto");
+    check_config_agrees_across_ranks();
   } else {
     device_ = resolve_device(t.device);
   }
@@ -205,7 +202,7 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   if (group_)
     reducer_ = group_->grad_reducer(param_tensors_, int64_t(t.dist_bucket_mb * (1 << 20)));
   else
-    flat_grads_ = std::make_unique<dist::FlatGrads>(param_tensors_,
+    flat_grads_ = std::make_unique<FlatGrads>(param_tensors_,
                                                     std::numeric_limits<int64_t>::max());
 
   // Resume or start fresh.
@@ -326,6 +323,23 @@ void Trainer::setup_data() {
   accumulation_ = train_source_->local_batch() / t.micro_batch;
 }
 
+// Ranks that disagree (another config file, another --set) would average the gradients of
+// different models or schedules. Compares a 40-bit hash of the resolved config: for each 20-bit
+// half x, sum(x)^2 == W sum(x^2) over the W ranks exactly when every rank has the same x
+// (Cauchy-Schwarz), and every sum is exact in doubles.
+void Trainer::check_config_agrees_across_ranks() {
+  const std::string yaml = to_yaml(config_);
+  const uint64_t h = xxh64(yaml.data(), yaml.size(), 0);
+  const double lo = double(h & 0xFFFFF), hi = double((h >> 20) & 0xFFFFF);
+  const std::vector<double> s =
+      group_->all_reduce_sum({lo, lo * lo, hi, hi * hi}, "the config check before training");
+  const double w = double(world_);
+  NHA_CHECK(s[0] * s[0] == w * s[1] && s[2] * s[2] == w * s[3])
+      << config_.source << ": the resolved configs differ between ranks (this is rank " << rank_
+      << " of " << world_ << "). HINT: start every rank with the same config file and the same "
+      << "--set overrides";
+}
+
 data::Batch Trainer::next_batch() { return train_source_->next(); }
 
 double Trainer::forward_backward(const data::Batch& batch, int64_t step) {
@@ -363,8 +377,8 @@ double Trainer::forward_backward(const data::Batch& batch, int64_t step) {
 
 StepStats Trainer::train_step() {
   const TrainConfig& t = config_.train;
-  if (group_) dist::inject_test_fault(rank_, step_);
-  const double t0 = now_seconds();
+  if (options_.before_step) options_.before_step(step_);
+  const double t0 = monotonic_seconds();
   StepStats st;
   st.step = step_;
   st.lr = lr_at(t, step_);
@@ -408,7 +422,7 @@ StepStats Trainer::train_step() {
   zero_grad();
   ++step_;
   tokens_seen_ += t.global_batch_tokens;  // all ranks
-  st.seconds = now_seconds() - t0;
+  st.seconds = monotonic_seconds() - t0;
   return st;
 }
 
@@ -427,7 +441,7 @@ bool Trainer::stop_now() const { return group_ ? agreed_stop_ : stop_requested_h
 ValStats Trainer::validate() {
   ValStats v;
   if (!val_shards_ && !val_mqar_) return v;
-  const double t0 = now_seconds();
+  const double t0 = monotonic_seconds();
   autograd::NoGradGuard no_grad;
   AutocastGuard autocast(compute_dtype_);
   const TrainConfig& t = config_.train;
@@ -443,7 +457,7 @@ ValStats Trainer::validate() {
       Tensor logits = model_->forward(x);  // [B, T, V]
       const int64_t V = logits.size(-1);
       loss_sum += cross_entropy(logits.reshape({-1, V}), y.reshape({-1})).item<double>() * double(n);
-      correct += eval::count_correct_predictions(logits, b.targets).correct;
+      correct += count_correct_predictions(logits, b.targets).correct;
     }
     v.tokens += n;
   };
@@ -470,7 +484,7 @@ ValStats Trainer::validate() {
   v.loss = v.tokens > 0 ? loss_sum / double(v.tokens) : 0.0;
   if (bytes_per_token_ > 0) v.bpb = v.loss / std::log(2.0) / bytes_per_token_;
   if (val_mqar_ && v.tokens > 0) v.accuracy = double(correct) / double(v.tokens);
-  v.seconds = now_seconds() - t0;
+  v.seconds = monotonic_seconds() - t0;
   return v;
 }
 
@@ -490,7 +504,7 @@ TrainState Trainer::state() const {
 }
 
 std::string Trainer::save_checkpoint() {
-  const double t0 = now_seconds();
+  const double t0 = monotonic_seconds();
   const std::string path = checkpoint_path(config_.checkpoint.dir, step_);
   // Every rank holds the whole, identical state (plain data parallelism): rank 0's file is the
   // complete checkpoint, resumable on any number of GPUs.
@@ -498,7 +512,7 @@ std::string Trainer::save_checkpoint() {
     nha::save_checkpoint(path, params_, optimizer_.get(), state());
     std::vector<std::string> removed =
         prune_checkpoints(config_.checkpoint.dir, config_.checkpoint.keep_last);
-    log_line("checkpoint " + path + " (" + fmt("%.1f s", now_seconds() - t0) +
+    log_line("checkpoint " + path + " (" + fmt("%.1f s", monotonic_seconds() - t0) +
              (removed.empty() ? "" : ", removed " + std::to_string(removed.size()) + " older") + ")");
   }
   // The other ranks wait for the file, so that all leave together (after a stop request every

@@ -56,6 +56,9 @@ struct TrainerOptions {
   // Test hook: sees each micro-batch loss before backward and may replace it (e.g. multiply by NaN
   // to check the guard). Arguments: step, micro-batch index, loss.
   std::function<Tensor(int64_t, int64_t, const Tensor&)> loss_hook;
+  // Test hook: called with the step's index before every step (`nha train` plugs in the
+  // multi-GPU tests' fault injection, apps/test_fault.h).
+  std::function<void(int64_t)> before_step;
 };
 
 struct StepStats {
@@ -121,6 +124,7 @@ class Trainer {
   void resume_from_newest_loadable(const std::vector<std::pair<int64_t, std::string>>& checkpoints);
   void log_line(const std::string& line);
   void setup_data();
+  void check_config_agrees_across_ranks();
   TrainState state() const;
   bool stop_requested_here() const;  // request_stop() or the stop flag, on this process
   bool stop_now() const;  // a stop was requested (under data parallelism: on any rank)
@@ -134,7 +138,7 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   dist::ProcessGroup* group_ = nullptr;       // data parallel, or nullptr
   std::unique_ptr<dist::GradReducer> reducer_;  // with group_: owns the gradients' memory
-  std::unique_ptr<dist::FlatGrads> flat_grads_;  // without group_: owns the gradients' memory
+  std::unique_ptr<FlatGrads> flat_grads_;  // without group_: owns the gradients' memory
   int world_ = 1, rank_ = 0;
   std::vector<NamedParameter> params_;
   std::vector<Tensor> param_tensors_;

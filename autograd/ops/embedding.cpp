@@ -1,7 +1,7 @@
 // embedding: forward and backward through Backend::embedding_forward/backward.
+#include "autograd/autocast.h"
 #include "autograd/ops.h"
 #include "autograd/ops/op_util.h"
-#include "train/autocast.h"
 
 namespace nha {
 
@@ -42,7 +42,7 @@ Tensor embedding(const Tensor& table, const Tensor& ids) {
     node->table_rows = table.size(0);
     record(node, {table}, out);
   }
-  // Mixed precision (train/autocast.h): the table stays fp32 (and its gradient fp32); the
+  // Mixed precision (autograd/autocast.h): the table stays fp32 (and its gradient fp32); the
   // activations leave in the autocast dtype.
   return autocast(out);
 }

@@ -1,7 +1,7 @@
 // matmul and linear: forward and backward through Backend::gemm.
+#include "autograd/autocast.h"
 #include "autograd/ops.h"
 #include "autograd/ops/op_util.h"
-#include "train/autocast.h"
 
 namespace nha {
 
@@ -91,7 +91,7 @@ Tensor matmul_2d_weight(const Tensor& x, const Tensor& w, bool w_transposed) {
 }  // namespace
 
 Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
-  // Mixed precision (train/autocast.h): both operands in the autocast dtype, differentiably.
+  // Mixed precision (autograd/autocast.h): both operands in the autocast dtype, differentiably.
   const Tensor a = autocast(a_in), b = autocast(b_in);
   if (b.dim() == 2) return matmul_2d_weight(a, b, false);
   NHA_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1))
@@ -111,7 +111,7 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in) {
 }
 
 Tensor linear(const Tensor& x, const Tensor& weight) {
-  // Mixed precision (train/autocast.h): the fp32 master weight is cast per call; its gradient
+  // Mixed precision (autograd/autocast.h): the fp32 master weight is cast per call; its gradient
   // comes back through the cast as fp32.
   return matmul_2d_weight(autocast(x), autocast(weight), true);
 }

@@ -1,6 +1,6 @@
 // nha_attend and nha_gates: the Native Hybrid Attention core and its gates through
 // Backend::nha_forward / nha_backward / nha_gate_forward / nha_gate_backward (math in
-// kernels/backend.h, SPEC-NHA §2 and §4).
+// kernels/backend.h, docs/nha.md §2 and §4).
 #include <cmath>
 
 #include "autograd/ops.h"

@@ -12,7 +12,7 @@ namespace nha::ops_detail {
 inline Tensor empty_like(const Tensor& t) { return Tensor::empty(t.shape(), t.dtype(), t.device()); }
 
 // The dtype of statistics and losses computed from `t` (rstd, per-row losses): f32 for bf16 inputs,
-// else t's own (DESIGN.md: full-precision statistics and loss under bf16 activations).
+// else t's own (docs/training.md, "Mixed precision": fp32 statistics and loss under bf16).
 inline DType stats_dtype(const Tensor& t) {
   return t.dtype() == DType::BF16 ? DType::F32 : t.dtype();
 }

@@ -68,4 +68,11 @@ Tensor sum(const Tensor& a, int64_t dim, bool keepdim) {
   return reduce(a, outer, a.size(dim), inner, out_shape, 1.0);
 }
 
+Tensor argmax(const Tensor& rows) {
+  NHA_CHECK(rows.dim() == 2) << "argmax needs rows [N, C], got " << rows.str();
+  Tensor out = Tensor::empty({rows.size(0)}, DType::I64, rows.device());
+  backend_for(rows).argmax(out, rows);
+  return out;
+}
+
 }  // namespace nha

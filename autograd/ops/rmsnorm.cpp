@@ -1,8 +1,8 @@
 // rmsnorm and add_rmsnorm (the residual add fused with it): forward and backward through
 // Backend::rmsnorm_forward/backward and add_rmsnorm_forward/backward.
+#include "autograd/autocast.h"
 #include "autograd/ops.h"
 #include "autograd/ops/op_util.h"
-#include "train/autocast.h"
 
 namespace nha {
 
@@ -53,7 +53,7 @@ void check_rmsnorm_inputs(const Tensor& x, const Tensor& weight, const char* op)
 }  // namespace
 
 Tensor rmsnorm(const Tensor& x_in, const Tensor& weight_in, double eps) {
-  // Mixed precision (train/autocast.h): x and the gain in the autocast dtype (the kernels compute
+  // Mixed precision (autograd/autocast.h): x and the gain in the autocast dtype (the kernels compute
   // in fp32 and keep rstd in fp32); the gain's gradient returns to fp32 through the cast.
   const Tensor x = autocast(x_in), weight = autocast(weight_in);
   ops_detail::check_same_device({x, weight}, "rmsnorm");

@@ -1,4 +1,4 @@
-// CPU Native Hybrid Attention core (SPEC-NHA §2, §4): the chunkwise forward and backward used for
+// CPU Native Hybrid Attention core (docs/nha.md §2, §4): the chunkwise forward and backward used for
 // CPU training and as the oracle of the CUDA kernels, and the gates.
 //
 // Layout: q, k, qr, kr [B, T, H, Dk]; v, out [B, T, H, Dv]; s, g [B, T, H, M]; lse [B, H, T].
@@ -265,7 +265,7 @@ struct HeadGrads {
   std::vector<double> dq, dk, dqr, dkr, dv, ds, dg;
 };
 
-// Backward of one (b, h) (SPEC-NHA §4 backward, steps (a)-(f)). dO [T, Dv], lse [T].
+// Backward of one (b, h) (docs/nha.md §4 backward, steps (a)-(f)). dO [T, Dv], lse [T].
 // Chunks run in reverse; dHk [Dk, M] and dHv [M, Dv] carry dL/d(state at the next chunk's start),
 // dGsum [M] the reverse cumsum of the gate terms (e). The window branch is handled row by row:
 // its scatters (dkr_j, dv_j into earlier rows) stay inside this (b, h) task, so no races.

@@ -1,4 +1,4 @@
-// CUDA Native Hybrid Attention core (SPEC-NHA §2, §4 route 2) and the NHA gates.
+// CUDA Native Hybrid Attention core (docs/nha.md §2, §4 route 2) and the NHA gates.
 //
 // Math (kernels/backend.h, nha_forward): per (b, h), memory Hk [D, M], Hv [M, D] start at 0; at
 // step t first write token j = t - w (if j >= 0), then read:
@@ -15,7 +15,7 @@
 // delta = dO.o is the joint softmax's <p, dp>, its P = e^{s - lse} is the joint pw); the memory
 // branch gets dO' = r dO with r_t = e^{lse_m,t - lse_t}, and its slot-logit gradient is
 //   dlm_t = pm_t ⊙ (dpm'_t - r_t (dO_t . o_t))          (pm = memory-local softmax, dpm' with dO')
-// which equals the local softmax backward plus SPEC's (sum dO r (o_m - o)) pm term.
+// which equals the local softmax backward plus docs/nha.md §4's (sum dO r (o_m - o)) pm term.
 //
 // Memory branch, chunked (C rows per chunk, C = 64 unless shared memory forces 32 or 16). Primes
 // are the shifted inputs K'_t = k_{t-w}, S'_t = s_{t-w}, G'_t = g_{t-w}, V'_t = v_{t-w} (0 for
@@ -32,7 +32,7 @@
 //   S~ = S' ⊙ 2^{b - B}
 // Chunk-parallel schedule: (1) every chunk's state contribution (K'^T S~, S~^T V', b) in
 // parallel; (2) a scan over chunks per state element gives every Hk_n, Hv_n; (3) every chunk's
-// outputs in parallel. Backward (SPEC §4 (a)-(f) for the memory branch) the same way: recompute
+// outputs in parallel. Backward (docs/nha.md §4 (a)-(f) for the memory branch) the same way: recompute
 // (1)-(2); (4) per chunk dpm, dlm, the gate terms and the chunk's contributions to the carried
 // state gradients; (5) a reverse scan gives the carried dHk, dHv of every chunk; (6) per chunk
 // dq, dK', dV', dS'; (7) a reverse scan of the gate terms' chunk totals and the un-shift of dg.

@@ -8,6 +8,8 @@
 #include <limits>
 #include <sstream>
 
+#include "data/text_source.h"
+
 namespace nha::testing {
 
 double rel_rms(const Tensor& out, const Tensor& ref) {
@@ -105,9 +107,16 @@ void expect_error(const std::function<void()>& fn, const std::vector<std::string
   }
 }
 
-std::string shared_data(const std::string& relative) {
-  std::filesystem::path p = std::filesystem::path(NHA_SHARED_DATA) / relative;
-  return std::filesystem::exists(p) ? p.string() : std::string();
+std::string test_data(const std::string& relative) {
+  return (std::filesystem::path(NHA_SOURCE_DIR) / "tests" / "data" / relative).string();
+}
+
+std::string read_zst_text(const std::string& path) {
+  data::LineReader reader(path);
+  std::string text, line;
+  while (reader.next(line)) text += line + "\n";
+  reader.close();
+  return text;
 }
 
 std::string temp_dir(const std::string& name) {

@@ -36,8 +36,10 @@ struct GradcheckOptions {
 // Expects fn to throw an nha::Error whose message contains every string of `parts`.
 void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts);
 
-// Path of a file under ../shared/data, or "" when the shared data is absent (test then skips).
-std::string shared_data(const std::string& relative);
+// Path of a file vendored under tests/data/ (committed with the tests; tests/data/README.md).
+std::string test_data(const std::string& relative);
+// The text of a .zst file, decompressed the way `nha` reads compressed text (data::LineReader).
+std::string read_zst_text(const std::string& path);
 
 // A fresh, empty directory under the system temp dir, unique per process (ctest runs tests as
 // separate processes, possibly in parallel): nha_test_<name>_<pid>.

@@ -38,7 +38,15 @@ TokenizerTrainOptions tiny_options() {
   return o;
 }
 
-std::string shakespeare() { return testing::shared_data("text/tinyshakespeare.txt"); }
+// tinyshakespeare, vendored compressed (tests/data/README.md), decompressed once per process.
+const std::string& shakespeare() {
+  static const std::string path = [] {
+    const std::string p = temp_dir("shakespeare") + "/tinyshakespeare.txt";
+    write_file(p, testing::read_zst_text(testing::test_data("tinyshakespeare.txt.zst")));
+    return p;
+  }();
+  return path;
+}
 
 const Tokenizer& tiny_tokenizer() {
   static Tokenizer tok = [] {
@@ -47,9 +55,6 @@ const Tokenizer& tiny_tokenizer() {
   }();
   return tok;
 }
-
-#define SKIP_WITHOUT_SHAKESPEARE()                                                 \
-  if (shakespeare().empty()) GTEST_SKIP() << "../shared/data/text/tinyshakespeare.txt absent"
 
 TEST(DataText, InvalidUtf8IsFoundAtItsFirstByte) {
   const size_t ok = std::string_view::npos;
@@ -68,7 +73,6 @@ TEST(DataText, InvalidUtf8IsFoundAtItsFirstByte) {
 }
 
 TEST(DataTokenizer, RoundTripAndSpecialIds) {
-  SKIP_WITHOUT_SHAKESPEARE();
   const Tokenizer& tok = tiny_tokenizer();
   EXPECT_EQ(tok.vocab_size(), 400);
   EXPECT_EQ(tok.unk_id(), 0);
@@ -98,7 +102,6 @@ TEST(DataTokenizer, RoundTripAndSpecialIds) {
 }
 
 TEST(DataTokenizer, TrainingIsDeterministicAndLoadable) {
-  SKIP_WITHOUT_SHAKESPEARE();
   std::string dir = temp_dir("tokdet");
   Tokenizer a = Tokenizer::train({shakespeare()}, dir + "/a.model", tiny_options());
   Tokenizer b = Tokenizer::train({shakespeare()}, dir + "/b.model", tiny_options());
@@ -154,7 +157,6 @@ std::vector<uint32_t> read_tokens_h5py_style(const std::string& path) {
 }
 
 TEST(DataPrepare, TokenCountsShardsAndAttributes) {
-  SKIP_WITHOUT_SHAKESPEARE();
   const Tokenizer& tok = tiny_tokenizer();
   std::string dir = temp_dir("prep");
   // Inputs: a 60 kB slice of Shakespeare (paragraph documents) and a JSONL file inside a folder.
@@ -246,7 +248,6 @@ TEST(DataPrepare, TokenCountsShardsAndAttributes) {
 }
 
 TEST(DataPrepare, ZstdInputMatchesPlainText) {
-  SKIP_WITHOUT_SHAKESPEARE();
   if (std::system("zstd --version >/dev/null 2>&1") != 0) GTEST_SKIP() << "zstd command absent";
   std::string dir = temp_dir("zst");
   std::string text = read_file(shakespeare()).substr(0, 20000);
@@ -274,7 +275,6 @@ TEST(DataPrepare, ZstdInputMatchesPlainText) {
 }
 
 TEST(DataPrepare, RefusesBadInputs) {
-  SKIP_WITHOUT_SHAKESPEARE();
   const Tokenizer& tok = tiny_tokenizer();
   std::string dir = temp_dir("bad");
   PrepareOptions o;
@@ -317,7 +317,6 @@ TEST(DataPrepare, RefusesBadInputs) {
 }
 
 TEST(DataPrepare, RefusesTokenizerShardMismatch) {
-  SKIP_WITHOUT_SHAKESPEARE();
   std::string dir = temp_dir("mismatch");
   write_file(dir + "/a.txt", read_file(shakespeare()).substr(0, 20000));
   PrepareOptions o;

@@ -56,7 +56,7 @@ TEST(GradReadyHook, GuardsNestAndRestore) {
 TEST(BucketPlan, ReverseOrderAlignedAndCapped) {
   // Registration order: embedding-like 1000, then 3 small, then a head-like 1000.
   const std::vector<int64_t> numels = {1000, 10, 70, 5, 1000};
-  const dist::BucketPlan plan = dist::plan_buckets(numels, /*bucket_elements=*/256, /*align=*/64);
+  const BucketPlan plan = plan_buckets(numels, /*bucket_elements=*/256, /*align=*/64);
   // Layout (reverse): p4 [0, 1024), p3 [1024, 1088), p2 [1088, 1216), p1 [1216, 1280), p0 [1280, 2304)
   EXPECT_EQ(plan.offset, (std::vector<int64_t>{1280, 1216, 1088, 1024, 0}));
   EXPECT_EQ(plan.total, 2304);
@@ -68,7 +68,7 @@ TEST(BucketPlan, ReverseOrderAlignedAndCapped) {
   EXPECT_EQ(plan.bucket_of, (std::vector<size_t>{2, 1, 1, 1, 0}));
   // The buckets tile the buffer.
   int64_t pos = 0;
-  for (const dist::GradBucket& b : plan.buckets) {
+  for (const GradBucket& b : plan.buckets) {
     EXPECT_EQ(b.begin, pos);
     EXPECT_GT(b.end, b.begin);
     pos = b.end;
@@ -76,18 +76,18 @@ TEST(BucketPlan, ReverseOrderAlignedAndCapped) {
   EXPECT_EQ(pos, plan.total);
   for (size_t i = 0; i < numels.size(); ++i) {
     EXPECT_EQ(plan.offset[i] % 64, 0);
-    const dist::GradBucket& b = plan.buckets[plan.bucket_of[i]];
+    const GradBucket& b = plan.buckets[plan.bucket_of[i]];
     EXPECT_GE(plan.offset[i], b.begin);
     EXPECT_LE(plan.offset[i] + numels[i], b.end);
   }
 }
 
 TEST(BucketPlan, LargeCapGivesOneBucketAndEmptyModelNone) {
-  const dist::BucketPlan one = dist::plan_buckets({3, 4, 5}, 1 << 20, 1);
+  const BucketPlan one = plan_buckets({3, 4, 5}, 1 << 20, 1);
   ASSERT_EQ(one.buckets.size(), 1u);
   EXPECT_EQ(one.total, 12);
   EXPECT_EQ(one.offset, (std::vector<int64_t>{9, 5, 0}));
-  EXPECT_TRUE(dist::plan_buckets({}, 100).buckets.empty());
+  EXPECT_TRUE(plan_buckets({}, 100).buckets.empty());
 }
 
 // ---- launch environment ---------------------------------------------------------------------------
@@ -155,7 +155,16 @@ TEST(LaunchEnv, JoiningWithoutNcclIsRefused) {
   g.launcher = dist::Launcher::Gpus;
   g.world_size = 2;
   g.rendezvous = "x";
-  testing::expect_error([&] { dist::join_process_group(g, 10); }, {"without NCCL", "HINT"});
+  testing::expect_error([&] { dist::join_process_group(g, false, 10); }, {"without NCCL", "HINT"});
+}
+
+TEST(LaunchEnv, CpuRanksNeedMpirun) {
+  dist::LaunchInfo g;
+  g.launcher = dist::Launcher::Gpus;
+  g.world_size = 2;
+  g.rendezvous = "x";
+  testing::expect_error([&] { dist::join_process_group(g, true, 10); },
+                        {"communicate over MPI", "--ranks 2"});
 }
 
 // ---- split of the global batch --------------------------------------------------------------------

@@ -3,6 +3,7 @@
 // hand-made task files with known answers, and the report formats.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -185,6 +186,26 @@ TEST_F(EvalTasks, MultipleChoiceAccVersusAccNorm) {
   EXPECT_DOUBLE_EQ(r.metric("acc"), 0.5);
   EXPECT_DOUBLE_EQ(r.metric("acc_norm"), 0.5);
   EXPECT_EQ(r.rows, 2);
+}
+
+// The standard sets vendored compressed in data/eval resolve to their .zst files, are whole
+// (every row of data/eval/README.md's counts) and score through run_task.
+TEST_F(EvalTasks, VendoredSetsAreFoundWholeAndScored) {
+  const std::string data_dir = std::string(NHA_SOURCE_DIR) + "/data/eval";
+  const std::pair<const char*, size_t> sets[] = {
+      {"piqa", 1838},          {"hellaswag", 10042},          {"arc_easy", 2376},
+      {"arc_challenge", 1172}, {"winogrande", 1267},          {"lambada", 5153},
+      {"triviaqa_closed_sub", 3000}};
+  for (const auto& [name, rows] : sets) {
+    const TaskSpec spec = resolve_task(name, data_dir);
+    EXPECT_TRUE(spec.path.ends_with(".jsonl.zst")) << spec.path;
+    const std::string text = testing::read_zst_text(spec.path);
+    EXPECT_EQ(size_t(std::count(text.begin(), text.end(), '\n')), rows) << spec.path;
+    EvalOptions o;
+    o.limit = 3;
+    o.max_new_tokens = 2;
+    EXPECT_EQ(run_task(spec, uniform(), *tokenizer_, o).rows, 3) << spec.path;
+  }
 }
 
 TEST_F(EvalTasks, WinograndeLambadaContainsAndText) {

@@ -1,6 +1,7 @@
 // The Transformer++ language model: structure, parameter names, determinism, float64 gradient
 // check of the whole stack, and config validation.
 #include "common/testing.h"
+#include "layers/attention.h"
 #include "layers/transformer.h"
 
 namespace nha {

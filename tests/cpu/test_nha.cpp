@@ -5,13 +5,14 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "common/nha_reference.h"
 #include "common/testing.h"
 #include "kernels/backend.h"
-#include "kernels/cpu/nha_reference.h"
+#include "layers/attention.h"
 #include "layers/nha.h"
+#include "layers/transformer.h"
 
 namespace nha {
 namespace {
@@ -61,22 +62,19 @@ Tensor tensor_of(const nlohmann::json& j) {
                                      j.at("shape").get<Shape>());
 }
 
-// Golden files matching `prefix*.json` in the shared data directory, sorted.
+// The vendored golden files matching `prefix*.json.zst` (tests/data/nha-golden/README.md), sorted.
 std::vector<std::filesystem::path> golden_files(const std::string& prefix) {
   std::vector<std::filesystem::path> files;
-  const std::string dir = testing::shared_data("nha-golden");
-  if (dir.empty()) return files;
-  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+  for (const auto& e : std::filesystem::directory_iterator(testing::test_data("nha-golden"))) {
     const std::string name = e.path().filename().string();
-    if (name.rfind(prefix, 0) == 0 && e.path().extension() == ".json") files.push_back(e.path());
+    if (name.rfind(prefix, 0) == 0 && name.ends_with(".json.zst")) files.push_back(e.path());
   }
   std::sort(files.begin(), files.end());
   return files;
 }
 
 nlohmann::json read_json(const std::filesystem::path& p) {
-  std::ifstream in(p);
-  return nlohmann::json::parse(in);
+  return nlohmann::json::parse(testing::read_zst_text(p.string()));
 }
 
 ModelConfig layer_config(int64_t d, int64_t heads) {
@@ -103,7 +101,7 @@ std::shared_ptr<NhaMixer> make_nha(int64_t d, int64_t heads, int64_t window, int
 
 TEST(NhaGolden, OpForwardAndAllGradients) {
   const auto files = golden_files("op_");
-  if (files.empty()) GTEST_SKIP() << "no ../shared/data/nha-golden";
+  ASSERT_EQ(files.size(), 6u) << "tests/data/nha-golden/op_*.json.zst";
   for (const auto& path : files) {
     const nlohmann::json j = read_json(path);
     const nlohmann::json &in = j.at("inputs"), &grads = j.at("grads");
@@ -130,7 +128,7 @@ TEST(NhaGolden, OpForwardAndAllGradients) {
 // The whole layer: weights from the file, y and the gradients of x and every weight.
 TEST(NhaGolden, LayerForwardAndAllGradients) {
   const auto files = golden_files("layer_");
-  if (files.empty()) GTEST_SKIP() << "no ../shared/data/nha-golden";
+  ASSERT_EQ(files.size(), 3u) << "tests/data/nha-golden/layer_*.json.zst";
   for (const auto& path : files) {
     const nlohmann::json j = read_json(path);
     const nlohmann::json &cfg = j.at("config"), &in = j.at("inputs"), &grads = j.at("grads");
@@ -315,7 +313,7 @@ TEST(Nha, GatesMatchFormulaAndGradcheck) {
 
 // ---- the two limits -----------------------------------------------------------------------------
 
-// window 0 is a pure gated-slot RNN, written here from SPEC-NHA §2 with the token written first:
+// window 0 is a pure gated-slot RNN, written here from docs/nha.md §2 with the token written first:
 //   Hk = Hk a_t + k_t s_t^T,  Hv = Hv a_t + s_t v_t^T,  o_t = softmax(scale q_t Hk) Hv.
 TEST(Nha, WindowZeroIsGatedSlotRnn) {
   const int64_t T = 90, H = 2, Dk = 4, Dv = 3, M = 5;

@@ -3,10 +3,10 @@
 #include <cmath>
 #include <limits>
 
+#include "autograd/autocast.h"
 #include "common/testing.h"
 #include "kernels/backend.h"
-#include "train/autocast.h"
-#include "train/distributed.h"
+#include "train/flat_grads.h"
 #include "train/optim.h"
 
 namespace nha {
@@ -240,8 +240,8 @@ TEST(AdamWFlat, SameBitsAsPerTensorSteps) {
       rv.push_back(Tensor::zeros(p.shape()));
     }
     AdamW opt(named_entries(ps, decay), {.lr = 0.05, .weight_decay = 0.1});
-    std::unique_ptr<dist::FlatGrads> fg;
-    if (flat_grads) fg = std::make_unique<dist::FlatGrads>(ps, std::numeric_limits<int64_t>::max());
+    std::unique_ptr<FlatGrads> fg;
+    if (flat_grads) fg = std::make_unique<FlatGrads>(ps, std::numeric_limits<int64_t>::max());
     for (int t = 1; t <= 4; ++t) {
       const double lr = 0.05 / t;
       if (fg) fg->zero_grad();
@@ -360,7 +360,7 @@ TEST(ClipGradNormFlat, MatchesPerTensorClipping) {
     ps.push_back(randn(s, 560 + ps.size()).set_requires_grad(true));
     qs.push_back(ps.back().detach().clone().set_requires_grad(true));
   }
-  dist::FlatGrads fg(ps, std::numeric_limits<int64_t>::max());
+  FlatGrads fg(ps, std::numeric_limits<int64_t>::max());
   for (size_t i = 0; i < ps.size(); ++i) {
     const Tensor g = randn(ps[i].shape(), 570 + i);
     ps[i].mutable_grad().copy_(g);

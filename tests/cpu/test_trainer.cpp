@@ -10,10 +10,10 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "autograd/autocast.h"
 #include "common/testing.h"
 #include "data/shards.h"
 #include "kernels/backend.h"
-#include "train/autocast.h"
 #include "train/metrics.h"
 #include "train/plot.h"
 #include "train/schedule.h"

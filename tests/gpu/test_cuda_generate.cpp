@@ -4,10 +4,10 @@
 // device), greedy generation picks the same tokens, and bf16 autocast decoding stays close.
 #include <vector>
 
+#include "autograd/autocast.h"
 #include "eval/generate.h"
 #include "gpu/cuda_testing.h"
 #include "layers/transformer.h"
-#include "train/autocast.h"
 
 namespace nha {
 namespace {

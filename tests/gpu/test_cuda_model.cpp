@@ -5,10 +5,10 @@
 #include <cstring>
 #include <limits>
 
+#include "autograd/autocast.h"
 #include "gpu/cuda_testing.h"
 #include "layers/transformer.h"
-#include "train/autocast.h"
-#include "train/distributed.h"
+#include "train/flat_grads.h"
 #include "train/optim.h"
 
 namespace nha {
@@ -187,7 +187,7 @@ std::pair<std::vector<float>, std::vector<std::vector<unsigned char>>> train_thr
   for (const NamedParameter& p : model.named_parameters())
     entries.push_back({p.name, p.tensor, true});
   AdamW opt(entries, {.lr = 1e-2, .weight_decay = 0.1}, DType::BF16);
-  dist::FlatGrads grads(model.parameters(), std::numeric_limits<int64_t>::max());
+  FlatGrads grads(model.parameters(), std::numeric_limits<int64_t>::max());
   std::vector<float> losses;
   for (int step = 0; step < 3; ++step) {
     auto [ids, targets] = batch(4, 64, c.vocab_size, 100 + step);

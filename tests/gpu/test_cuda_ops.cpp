@@ -2,9 +2,9 @@
 // odd sizes, outputs poisoned with NaN before every run.
 #include <limits>
 
+#include "autograd/autocast.h"
 #include "gpu/cuda_testing.h"
-#include "train/autocast.h"
-#include "train/distributed.h"
+#include "train/flat_grads.h"
 #include "train/optim.h"
 
 namespace nha {
@@ -485,7 +485,7 @@ TEST(CudaAdamW, OptimizerWithFlatGradientsAndCopiesMatchesCpu) {
   }
   const AdamWOptions o{.lr = 1e-2, .weight_decay = 0.1};
   AdamW gpu_opt(ge, o, DType::BF16), cpu_opt(ce, o);
-  dist::FlatGrads grads(gp, std::numeric_limits<int64_t>::max());
+  FlatGrads grads(gp, std::numeric_limits<int64_t>::max());
   for (int s = 1; s <= 3; ++s) {
     grads.zero_grad();
     for (size_t i = 0; i < gp.size(); ++i) {

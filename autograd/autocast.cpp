@@ -1,4 +1,4 @@
-#include "train/autocast.h"
+#include "autograd/autocast.h"
 
 #include <algorithm>
 #include <mutex>

@@ -1,4 +1,4 @@
-#include "kernels/cpu/nha_reference.h"
+#include "common/nha_reference.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-// The per-token recurrence of Native Hybrid Attention (SPEC-NHA §2), written for clarity only:
+// The per-token recurrence of Native Hybrid Attention (docs/nha.md §2), written for clarity only:
 // the tests' independent oracle for the chunkwise CPU kernel (kernels/cpu/nha.cpp) and, through
 // it, for the CUDA kernels. O(T * (M*D + w*D)) per head, no chunking, no autograd.
 #pragma once
