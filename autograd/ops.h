@@ -70,7 +70,11 @@ Tensor nha_attend(const Tensor& q, const Tensor& k, const Tensor& qr, const Tens
 // NHA gates from the gate projection f: {g = logsigmoid(f) / 8, s = 1 - exp(g)}.
 std::pair<Tensor, Tensor> nha_gates(const Tensor& f);
 // Mean over non-ignored rows of -log softmax(logits)[target]. logits [N, V], targets [N].
-// A batch where every target is ignored has loss 0 (and zero gradient).
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
+// A batch where every target is ignored has loss 0 (and zero gradient). `valid_count`: the number
+// of non-ignored targets when the caller knows it (the trainer counts them in its host copy);
+// -1 counts them here, which reads device targets back: a host sync per call on a GPU.
+inline constexpr int64_t kIgnoreTarget = -100;  // the data loaders' data::kIgnoreIndex
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets,
+                     int64_t ignore_index = kIgnoreTarget, int64_t valid_count = -1);
 
 }  // namespace nha

@@ -99,11 +99,12 @@ Tensor LanguageModel::final_hidden(const Tensor& ids) const {
   return xn;
 }
 
-Tensor LanguageModel::loss(const Tensor& ids, const Tensor& targets) const {
+Tensor LanguageModel::loss(const Tensor& ids, const Tensor& targets, int64_t valid_count) const {
   NHA_CHECK(targets.shape() == ids.shape())
       << "targets " << targets.str() << " must match ids " << ids.str();
   Tensor logits = forward(ids);
-  return cross_entropy(logits.reshape({-1, cfg_.vocab_size}), targets.reshape({-1}));
+  return cross_entropy(logits.reshape({-1, cfg_.vocab_size}), targets.reshape({-1}),
+                       kIgnoreTarget, valid_count);
 }
 
 Tensor LanguageModel::loss_on_rows(const Tensor& ids, const Tensor& rows,
@@ -115,7 +116,7 @@ Tensor LanguageModel::loss_on_rows(const Tensor& ids, const Tensor& rows,
   // A row gather is the embedding op with the hidden states as the table; its backward puts each
   // row's gradient back in place (the rows are distinct) and zeros elsewhere.
   const Tensor picked = embedding(xn, rows);  // [n, d]
-  return cross_entropy(logits(picked), row_targets);
+  return cross_entropy(logits(picked), row_targets, kIgnoreTarget, rows.size(0));
 }
 
 DecodeState LanguageModel::new_decode_state(int64_t batch, int64_t max_len) const {

@@ -45,10 +45,12 @@ class LanguageModel : public Module {
   // ids [B, T] (i32/i64) -> logits [B, T, V]
   Tensor forward(const Tensor& ids) const;
   // Mean cross-entropy of the next-token targets [B, T] (ignore_index -100).
-  Tensor loss(const Tensor& ids, const Tensor& targets) const;
+  // valid_count: the number of non-ignored targets if the caller knows it (cross_entropy: no host
+  // sync on a GPU), -1 to count them.
+  Tensor loss(const Tensor& ids, const Tensor& targets, int64_t valid_count = -1) const;
   // The same loss when few targets count (MQAR: the query positions only): only the rows `rows`
   // [n] (i32 indices into the flattened [B*T]) go through the LM head and the cross-entropy, with
-  // `row_targets` [n]. loss(ids, targets) with every other target ignored, up to the rounding of
+  // `row_targets` [n] (none ignored). loss(ids, targets) with every other target ignored, up to the rounding of
   // the head's GEMM at another shape, at a fraction of the head's work ([n, V] logits, not [B*T, V]).
   Tensor loss_on_rows(const Tensor& ids, const Tensor& rows, const Tensor& row_targets) const;
 

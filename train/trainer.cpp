@@ -356,8 +356,8 @@ double Trainer::forward_backward(const data::Batch& batch, int64_t step) {
       AutocastGuard autocast(compute_dtype_);
       if (auto rows = sparse_targets(y))
         loss = model_->loss_on_rows(x, rows->first.to(device_), rows->second.to(device_));
-      else
-        loss = model_->loss(x, y.to(device_));
+      else  // the count from the host copy: no read-back of device targets
+        loss = model_->loss(x, y.to(device_), count_targets(y));
     }
     if (options_.loss_hook) loss = options_.loss_hook(step, i, loss);
     Tensor detached = loss.detach();

@@ -44,14 +44,20 @@ Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t i
 
 }  // namespace
 
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index,
+                     int64_t valid_count) {
   ops_detail::check_same_device({logits, targets}, "cross_entropy");
   NHA_CHECK(logits.dim() == 2 && targets.dim() == 1 && targets.size(0) == logits.size(0))
       << "cross_entropy wants logits [N, V] and targets [N], got " << logits.str() << " and "
       << targets.str() << ". HINT: flatten [B, T, V] logits with reshape({-1, V})";
   Tensor losses = cross_entropy_rows(logits, targets, ignore_index);  // [N]
-  int64_t n_valid = 0;
-  for (int64_t t : targets.to_vector<int64_t>()) n_valid += t != ignore_index;  // on the host
+  NHA_CHECK(valid_count >= -1 && valid_count <= targets.size(0))
+      << "cross_entropy: valid_count " << valid_count << " for " << targets.size(0) << " targets";
+  int64_t n_valid = valid_count;
+  if (n_valid < 0) {
+    n_valid = 0;
+    for (int64_t t : targets.to_vector<int64_t>()) n_valid += t != ignore_index;  // on the host
+  }
   // Every row ignored: the sum is 0 and so is its gradient; divide by 1 to keep it finite.
   return scale(sum(losses), 1.0 / double(std::max<int64_t>(n_valid, 1)));
 }

@@ -588,6 +588,11 @@ TEST(OpCrossEntropy, EqualsMeanNegativeLogSoftmax) {
     }
   Tensor loss = cross_entropy(logits, ids_tensor(targets, {N}), kIgnore);
   EXPECT_LT(rel_rms(loss, f64({acc / valid}, {})), kF64Tol);
+  // The count given by a caller that knows it (the trainer) instead of counted here.
+  Tensor given = cross_entropy(logits, ids_tensor(targets, {N}), kIgnore, valid);
+  EXPECT_EQ(given.item<double>(), loss.item<double>());
+  testing::expect_error([&] { cross_entropy(logits, ids_tensor(targets, {N}), kIgnore, N + 1); },
+                        {"valid_count 8 for 7 targets"});
 }
 
 TEST(OpCrossEntropy, Gradcheck) {
