@@ -1,6 +1,7 @@
 // Interoperability subcommands of `nha` (docs/interop.md): import (a Hugging Face Llama or
-// our own safetensors directory -> a parameters-only .h5), and the safetensors form of
-// `nha export` (apps/cmd_train.cpp hands --format safetensors to export_safetensors_command).
+// our own safetensors directory -> a parameters-only .h5), convert (Transformer++ -> NHA), and
+// the safetensors form of `nha export` (apps/cmd_train.cpp hands --format safetensors to
+// export_safetensors_command).
 #include <CLI/CLI.hpp>
 
 #include <filesystem>
@@ -41,7 +42,48 @@ void export_safetensors_command(const std::string& checkpoint, const std::string
                  "yours to " << out_dir << "/tokenizer.model\n";
 }
 
+namespace {
+
+// nha convert RUN_OR_CKPT --to nha [--window W] [--slots M] [--full-attention-every K] --out FILE
+void register_convert(CLI::App& app) {
+  auto src = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto to = std::make_shared<std::string>("nha");
+  auto conversion = std::make_shared<NhaConversion>();
+  CLI::App* c = app.add_subcommand(
+      "convert", "turn a Transformer++ model into an NHA model (q/k/v/o and MLPs reused)");
+  c->add_option("run_or_checkpoint", *src, "run directory (newest checkpoint), checkpoint or "
+                                           "export .h5 of a Transformer++ model")
+      ->required();
+  c->add_option("--to", *to, "target architecture")
+      ->check(CLI::IsMember({"nha"}))
+      ->capture_default_str();
+  c->add_option("--window", conversion->window, "sliding window w of the nha layers")
+      ->check(kNonNegative)
+      ->capture_default_str();
+  c->add_option("--slots", conversion->slots, "memory slots M of the nha layers")
+      ->check(kPositive)
+      ->capture_default_str();
+  c->add_option("--full-attention-every", conversion->full_attention_every,
+                "layers K-1, 2K-1, ... stay full attention (0: none)")
+      ->check(kNonNegative)
+      ->capture_default_str();
+  c->add_option("--seed", conversion->seed, "seed of the new slot-gate projections")
+      ->capture_default_str();
+  c->add_option("--out", *out, "output .h5 (parameters only, f32)")->required();
+  c->callback([=] {
+    const std::string ckpt = resolve_checkpoint(*src);
+    convert_to_nha(ckpt, *out, *conversion);
+    std::cout << "wrote " << *out << " (nha: window " << conversion->window << ", slots "
+              << conversion->slots << ", full attention every " << conversion->full_attention_every
+              << " layers; from " << ckpt << ")\n";
+  });
+}
+
+}  // namespace
+
 void register_interop_commands(CLI::App& app) {
+  register_convert(app);
   // nha import DIR --out RUN_DIR_OR_FILE.h5
   auto dir = std::make_shared<std::string>();
   auto out = std::make_shared<std::string>();

@@ -9,6 +9,7 @@
 #include <set>
 #include <sstream>
 
+#include "autograd/node.h"
 #include "core/error.h"
 #include "core/fileio.h"
 #include "core/random.h"
@@ -271,6 +272,14 @@ std::string file_bytes(const std::string& path) {
   return bytes.str();
 }
 
+// The parameters an nha layer has and an attention layer lacks (layers/nha.h).
+bool new_in_nha_layer(const std::string& name) {
+  for (const std::string suffix : {".mixer.wf.weight", ".mixer.out_norm.weight"})
+    if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+      return true;
+  return false;
+}
+
 }  // namespace interop_internal
 
 using namespace interop_internal;
@@ -313,7 +322,8 @@ std::string llama_name(const std::string& our_name) {
              << "Transformer++ models (every layer full causal attention) use Llama names";
 }
 
-nlohmann::json llama_config_json(const ModelConfig& m, const ExportedConfigExtras& x) {
+nlohmann::json llama_config_json(const RunConfig& run, const ExportedConfigExtras& x) {
+  const ModelConfig& m = run.model;
   return {{"architectures", json::array({"LlamaForCausalLM"})},
           {"model_type", "llama"},
           {"vocab_size", m.vocab_size},
@@ -330,14 +340,15 @@ nlohmann::json llama_config_json(const ModelConfig& m, const ExportedConfigExtra
           {"attention_bias", false},
           {"mlp_bias", false},
           {"tie_word_embeddings", m.tie_embeddings},
-          {"max_position_embeddings", x.max_position_embeddings},
+          {"max_position_embeddings", run.train.seq_len},
           {"initializer_range", m.init_std},
           {"torch_dtype", torch_dtype_name(x.dtype)},
           {"bos_token_id", x.bos_id},
           {"eos_token_id", x.eos_id}};
 }
 
-nlohmann::json nha_config_json(const ModelConfig& m, const ExportedConfigExtras& x) {
+nlohmann::json nha_config_json(const RunConfig& run, const ExportedConfigExtras& x) {
+  const ModelConfig& m = run.model;
   json mixers = json::array();
   for (int64_t i = 0; i < m.n_layers; ++i) {
     const MixerConfig mixer = m.mixer(i);
@@ -356,7 +367,7 @@ nlohmann::json nha_config_json(const ModelConfig& m, const ExportedConfigExtras&
           {"rope_base", m.rope_base},
           {"init_std", m.init_std},
           {"mixers", mixers},
-          {"max_position_embeddings", x.max_position_embeddings},
+          {"max_position_embeddings", run.train.seq_len},
           {"torch_dtype", torch_dtype_name(x.dtype)},
           {"bos_token_id", x.bos_id},
           {"eos_token_id", x.eos_id}};
@@ -394,9 +405,7 @@ SafetensorsExport export_safetensors(const std::string& checkpoint, const std::s
         << "disagree; export it again";
     tensors.emplace_back(llama ? llama_name(p.name) : p.name, it->second);
   }
-  ExportedConfigExtras x = extras;
-  x.max_position_embeddings = run.train.seq_len;
-  const json config = llama ? llama_config_json(run.model, x) : nha_config_json(run.model, x);
+  const json config = llama ? llama_config_json(run, extras) : nha_config_json(run, extras);
   // transformers refuses safetensors files whose metadata lacks format = pt.
   write_safetensors((fs::path(out_dir) / kWeightsFile).string(), tensors, extras.dtype,
                     {{"format", "pt"}});
@@ -429,6 +438,63 @@ SafetensorsImport import_safetensors(const std::string& dir, const std::string& 
   const RunConfig run = imported_run_config(model, config, dir, "imported from " + dir);
   write_parameters(result.out_path, params, to_yaml(run), result.dtype, 0, 0);
   return result;
+}
+
+ModelConfig nha_conversion_config(const ModelConfig& source, const NhaConversion& conversion) {
+  NHA_CHECK(is_llama_compatible(source))
+      << "nha convert: the source model is not Transformer++ (every layer full causal "
+      << "attention). HINT: convert a model trained with mixer {type: attention}";
+  NHA_CHECK(conversion.window >= 0 && conversion.slots >= 1 && conversion.full_attention_every >= 0)
+      << "nha convert: window " << conversion.window << ", slots " << conversion.slots
+      << ", full_attention_every " << conversion.full_attention_every
+      << ". HINT: window >= 0 (0 = pure memory), slots >= 1, full_attention_every >= 0 (0 = none)";
+  ModelConfig target = source;
+  target.mixers.clear();
+  const int64_t K = conversion.full_attention_every;
+  for (int64_t i = 0; i < source.n_layers; ++i) {
+    const bool keep_attention = K > 0 && (i + 1) % K == 0;
+    target.mixers.push_back(keep_attention ? MixerConfig{}
+                                           : MixerConfig{MixerType::NHA, conversion.window,
+                                                         conversion.slots});
+  }
+  target.validate();
+  return target;
+}
+
+std::vector<NamedParameter> convert_parameters(const std::map<std::string, Tensor>& source,
+                                               const ModelConfig& target, uint64_t seed) {
+  std::vector<NamedParameter> params = LanguageModel(target, seed).named_parameters();
+  autograd::NoGradGuard no_grad;
+  size_t reused = 0;
+  for (NamedParameter& p : params) {
+    const auto it = source.find(p.name);
+    if (it == source.end()) {
+      NHA_CHECK(new_in_nha_layer(p.name))
+          << "nha convert: the source lacks parameter '" << p.name << "'. HINT: the source file "
+          << "and its /config disagree; export it again";
+      continue;  // keeps the fresh model's draw
+    }
+    ++reused;
+    NHA_CHECK(it->second.shape() == p.tensor.shape())
+        << "nha convert: source parameter '" << p.name << "' is " << shape_str(it->second.shape())
+        << " but the converted model needs " << shape_str(p.tensor.shape())
+        << ". HINT: the source file and its /config disagree; export it again";
+    p.tensor.copy_(it->second);
+  }
+  NHA_CHECK(reused == source.size())
+      << "nha convert: the source has " << source.size() - reused << " parameters the converted "
+      << "model does not use. HINT: the source file and its /config disagree; export it again";
+  return params;
+}
+
+void convert_to_nha(const std::string& checkpoint, const std::string& out_path,
+                    const NhaConversion& conversion) {
+  RunConfig run = parse_config(read_config_yaml(checkpoint), checkpoint + ":/config");
+  run.model = nha_conversion_config(run.model, conversion);
+  const std::vector<NamedParameter> params =
+      convert_parameters(read_parameters(checkpoint), run.model, conversion.seed);
+  const TrainState state = read_train_state(checkpoint);
+  write_parameters(out_path, params, to_yaml(run), DType::F32, state.step, state.tokens_seen);
 }
 
 }  // namespace nha

@@ -1,8 +1,8 @@
 // Models in and out of the Hugging Face format (train/interop.h): Llama names and config.json,
 // export -> import round trips bitwise (parameters and logits; tied/untied; f32/bf16; one file or
-// shards), our own naming for NHA models, refusals of what we cannot represent, and the logits
+// shards), our own naming for NHA models, refusals of what we cannot represent, the logits
 // of an exported Transformer++ against an independent pure-Python Llama forward
-// (scripts/llama_reference.py).
+// (scripts/llama_reference.py), and `nha convert` (Transformer++ -> NHA).
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -11,6 +11,7 @@
 #include "autograd/node.h"
 #include "common/testing.h"
 #include "eval/runner.h"
+#include "layers/nha.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/interop.h"
@@ -69,8 +70,10 @@ Tensor logits_of(const std::string& path) {
   return m.model->forward(Tensor::from_vector<int32_t>(kIds, {1, int64_t(kIds.size())}));
 }
 
+// Same dtype, shape and values (as doubles: exact for f32 and f64).
 bool identical_bits(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.to_vector<float>() == b.to_vector<float>();
+  return a.dtype() == b.dtype() && a.shape() == b.shape() &&
+         a.to_vector<double>() == b.to_vector<double>();
 }
 
 void expect_same_parameters(const std::string& a, const std::string& b) {
@@ -360,6 +363,123 @@ TEST_F(Interop, TokenizerOfTheRunGoesNextToTheWeights) {
   write_checkpoint(tiny_run(false), dir_ + "/ckpt.h5", 3);
   export_safetensors(dir_ + "/ckpt.h5", dir_ + "/hf", ExportedConfigExtras{}, tok);
   EXPECT_EQ(testing::read_file(dir_ + "/hf/tokenizer.model"), "sentencepiece bytes");
+}
+
+// ---- nha convert ------------------------------------------------------------------------------
+
+TEST_F(Interop, ConvertReusesEveryTransformerParameter) {
+  const std::string ckpt = dir_ + "/tpp.h5", out = dir_ + "/nha.h5";
+  write_checkpoint(tiny_run(false), ckpt, 5);
+  NhaConversion conversion;
+  conversion.window = 8;
+  conversion.slots = 3;
+  conversion.full_attention_every = 2;  // layer 1 keeps its attention
+  convert_to_nha(ckpt, out, conversion);
+  const ModelConfig m = parse_config(read_config_yaml(out), out).model;
+  ASSERT_EQ(m.mixers.size(), 2u);
+  EXPECT_EQ(m.mixers[0].type, MixerType::NHA);
+  EXPECT_EQ(m.mixers[0].window, 8);
+  EXPECT_EQ(m.mixers[0].slots, 3);
+  EXPECT_EQ(m.mixers[1].type, MixerType::Attention);
+  EXPECT_EQ(m.mixers[1].window, 0);
+  const std::map<std::string, Tensor> source = read_parameters(ckpt), converted = read_parameters(out);
+  for (const auto& [name, t] : source) {
+    ASSERT_TRUE(converted.count(name)) << name;
+    EXPECT_TRUE(identical_bits(t, converted.at(name))) << name;
+  }
+  // New: the slot gates (random, so that the slots can differ) and the output norm (ones).
+  EXPECT_EQ(converted.size(), source.size() + 2);
+  EXPECT_EQ(converted.at("layers.0.mixer.wf.weight").shape(), (Shape{2 * 3, 16}));
+  EXPECT_GT(testing::max_abs_diff(converted.at("layers.0.mixer.wf.weight"),
+                                  Tensor::zeros({6, 16}, DType::F32)), 0.0);
+  EXPECT_TRUE(identical_bits(converted.at("layers.0.mixer.out_norm.weight"),
+                             Tensor::ones({16}, DType::F32)));
+  // Every layer kept as attention: the same model.
+  conversion.full_attention_every = 1;
+  convert_to_nha(ckpt, dir_ + "/same.h5", conversion);
+  EXPECT_TRUE(identical_bits(logits_of(dir_ + "/same.h5"), logits_of(ckpt)));
+  // Only Transformer++ converts.
+  write_checkpoint(tiny_run(false, {{MixerType::Attention, 4}, {}}), dir_ + "/swa.h5", 5);
+  testing::expect_error([&] { convert_to_nha(dir_ + "/swa.h5", dir_ + "/x.h5", conversion); },
+                        {"not Transformer++", "HINT"});
+}
+
+// One sequence's attention output o [T, H*hd] per head: softmax over [M null slots (logit 0,
+// value 0) ; the causal keys u <= t with logits q_t . k_u / sqrt(hd)] of the values f(v_u), f = SiLU
+// or the identity. q, k, v [T, H, hd] flattened. M = 0 and the identity: plain causal attention.
+std::vector<double> attend_with_null_slots(const std::vector<double>& q, const std::vector<double>& k,
+                                           const std::vector<double>& v, int64_t T, int64_t H,
+                                           int64_t hd, int64_t M, bool silu_values) {
+  std::vector<double> o(size_t(T * H * hd), 0.0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      const auto at = [&](int64_t u, int64_t i) { return size_t((u * H + h) * hd + i); };
+      double z = double(M);  // the null slots: e^0 each, value 0
+      std::vector<double> acc(size_t(hd), 0.0);
+      for (int64_t u = 0; u <= t; ++u) {
+        double dot = 0;
+        for (int64_t i = 0; i < hd; ++i) dot += q[at(t, i)] * k[at(u, i)];
+        const double p = std::exp(dot / std::sqrt(double(hd)));
+        z += p;
+        for (int64_t i = 0; i < hd; ++i) {
+          const double x = v[at(u, i)];
+          acc[size_t(i)] += p * (silu_values ? x / (1 + std::exp(-x)) : x);
+        }
+      }
+      for (int64_t i = 0; i < hd; ++i) o[at(t, i)] = acc[size_t(i)] / z;
+    }
+  return o;
+}
+
+// With the window covering the sequence (w >= T), the memory is never written: a converted layer is
+// the source's attention (same q, k, v, RoPE, scale) with three changes the NHA layer makes by
+// design and no initialisation can undo: SiLU on the values, M null slots in every softmax, and
+// SiLU + RMSNorm (eps 1e-6, gain ones) before Wo. Checked in f64 against a hand-written layer.
+TEST_F(Interop, ConvertedLayerIsSourceAttentionWithNullSlotsWhenTheWindowCoversTheSequence) {
+  const std::string ckpt = dir_ + "/tpp.h5", out = dir_ + "/nha.h5";
+  write_checkpoint(tiny_run(true), ckpt, 9);
+  NhaConversion conversion;
+  conversion.window = 8;  // >= T = 5
+  conversion.slots = 3;
+  convert_to_nha(ckpt, out, conversion);
+  const eval::LoadedModel source = eval::load_model(ckpt, Device::cpu());
+  const eval::LoadedModel converted = eval::load_model(out, Device::cpu());
+  source.model->to(DType::F64);
+  converted.model->to(DType::F64);
+  autograd::NoGradGuard no_grad;
+  const int64_t T = 5, H = 2, hd = 8, d = 16, M = 3;
+  const Tensor x = testing::randn({1, T, d}, 77, DType::F64);  // a block's normed input
+  const auto& attention = dynamic_cast<const Attention&>(*source.model->layers[0]->mixer);
+  const auto& nha_layer = dynamic_cast<const NhaMixer&>(*converted.model->layers[0]->mixer);
+  const double base = attention.rope_base;
+  const std::vector<double> q = rope(attention.wq->forward(x).reshape({1, T, H, hd}), base).to_vector<double>();
+  const std::vector<double> k = rope(attention.wk->forward(x).reshape({1, T, H, hd}), base).to_vector<double>();
+  const std::vector<double> v = attention.wv->forward(x).to_vector<double>();
+  // The reference itself: without null slots and SiLU it is the source's attention.
+  const Tensor plain = Tensor::from_vector(attend_with_null_slots(q, k, v, T, H, hd, 0, false), {1, T, d});
+  EXPECT_LT(testing::rel_rms(attention.forward(x), attention.wo->forward(plain)), 1e-12);
+  // The converted layer: SiLU(o) normed over d (gain ones), then the source's Wo.
+  std::vector<double> o = attend_with_null_slots(q, k, v, T, H, hd, M, true);
+  for (int64_t t = 0; t < T; ++t) {
+    double ss = 0;
+    for (int64_t c = 0; c < d; ++c) {
+      double& y = o[size_t(t * d + c)];
+      y = y / (1 + std::exp(-y));
+      ss += y * y;
+    }
+    for (int64_t c = 0; c < d; ++c) o[size_t(t * d + c)] /= std::sqrt(ss / double(d) + 1e-6);
+  }
+  const Tensor expected = attention.wo->forward(Tensor::from_vector(o, {1, T, d}));
+  EXPECT_LT(testing::rel_rms(nha_layer.forward(x), expected), 1e-12);
+  // The slot gates play no part while the window covers the sequence, and do once it does not.
+  const Tensor ids = Tensor::from_vector<int32_t>(kIds, {1, T});
+  const Tensor before = converted.model->forward(ids);
+  Tensor wf = nha_layer.wf->weight;
+  wf.copy_(testing::randn(wf.shape(), 5, DType::F64));
+  EXPECT_TRUE(identical_bits(converted.model->forward(ids), before));
+  conversion.window = 2;
+  convert_to_nha(ckpt, dir_ + "/w2.h5", conversion);
+  EXPECT_GT(testing::max_abs_diff(logits_of(dir_ + "/w2.h5"), logits_of(out)), 1e-6);
 }
 
 }  // namespace
