@@ -3,7 +3,6 @@
 // the safetensors form of `nha export` (apps/cmd_train.cpp hands --format safetensors to
 // export_safetensors_command).
 #include <CLI/CLI.hpp>
-
 #include <filesystem>
 #include <iostream>
 #include <memory>
@@ -35,11 +34,12 @@ void export_safetensors_command(const std::string& checkpoint, const std::string
   const SafetensorsExport e = export_safetensors(checkpoint, out_dir, extras, tokenizer_path);
   std::cout << "wrote " << out_dir << "/model.safetensors (" << e.tensors << " tensors, "
             << (dtype == DType::BF16 ? "bf16" : "fp32") << ", " << e.model_type << " names) and "
-            << "config.json" << (tokenizer_path.empty() ? "" : " and tokenizer.model")
-            << " from " << checkpoint << "\n";
+            << "config.json" << (tokenizer_path.empty() ? "" : " and tokenizer.model") << " from "
+            << checkpoint << "\n";
   if (tokenizer_path.empty())
     std::cout << "no tokenizer: the run's data.train manifest names none that exists; copy "
-                 "yours to " << out_dir << "/tokenizer.model\n";
+                 "yours to "
+              << out_dir << "/tokenizer.model\n";
 }
 
 namespace {
@@ -52,8 +52,9 @@ void register_convert(CLI::App& app) {
   auto conversion = std::make_shared<NhaConversion>();
   CLI::App* c = app.add_subcommand(
       "convert", "turn a Transformer++ model into an NHA model (q/k/v/o and MLPs reused)");
-  c->add_option("run_or_checkpoint", *src, "run directory (newest checkpoint), checkpoint or "
-                                           "export .h5 of a Transformer++ model")
+  c->add_option("run_or_checkpoint", *src,
+                "run directory (newest checkpoint), checkpoint or "
+                "export .h5 of a Transformer++ model")
       ->required();
   c->add_option("--to", *to, "target architecture")
       ->check(CLI::IsMember({"nha"}))
@@ -88,13 +89,16 @@ void register_interop_commands(CLI::App& app) {
   auto dir = std::make_shared<std::string>();
   auto out = std::make_shared<std::string>();
   CLI::App* c = app.add_subcommand(
-      "import", "read a Hugging Face Llama (or `nha export --format safetensors`) directory into "
-                "a parameters-only .h5 for nha eval / generate");
-  c->add_option("dir", *dir, "directory with config.json and model.safetensors (or shards + "
-                             "model.safetensors.index.json)")
+      "import",
+      "read a Hugging Face Llama (or `nha export --format safetensors`) directory into "
+      "a parameters-only .h5 for nha eval / generate");
+  c->add_option("dir", *dir,
+                "directory with config.json and model.safetensors (or shards + "
+                "model.safetensors.index.json)")
       ->required();
-  c->add_option("--out", *out, "output .h5 file, or a run directory (RUN/checkpoints/"
-                               "step_00000000.h5)")
+  c->add_option("--out", *out,
+                "output .h5 file, or a run directory (RUN/checkpoints/"
+                "step_00000000.h5)")
       ->required();
   c->callback([=] {
     const SafetensorsImport r = import_safetensors(*dir, *out);
@@ -102,8 +106,8 @@ void register_interop_commands(CLI::App& app) {
               << (r.dtype == DType::BF16 ? "bf16" : "fp32") << ", from a " << r.model_type
               << " model in " << *dir << ")\n";
     if (fs::exists(fs::path(*dir) / "tokenizer.model"))
-      std::cout << "its tokenizer: pass --tokenizer " << (fs::path(*dir) / "tokenizer.model").string()
-                << " to nha eval / nha generate\n";
+      std::cout << "its tokenizer: pass --tokenizer "
+                << (fs::path(*dir) / "tokenizer.model").string() << " to nha eval / nha generate\n";
   });
 }
 

@@ -115,7 +115,8 @@ void register_train_commands(CLI::App& app) {
     auto out = std::make_shared<std::string>();
     auto dtype = std::make_shared<std::string>("bf16");
     auto format = std::make_shared<std::string>("h5");
-    CLI::App* c = app.add_subcommand("export", "write a parameters-only HDF5 file from a checkpoint");
+    CLI::App* c = app.add_subcommand(
+        "export", "write a parameters-only HDF5 (or safetensors) file from a checkpoint");
     c->add_option("run_or_checkpoint", *src, "run directory (newest checkpoint) or checkpoint .h5")
         ->required();
     c->add_option("--out", *out, "output .h5 (a directory for --format safetensors)")->required();

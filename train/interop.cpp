@@ -23,8 +23,9 @@ using nlohmann::json;
 
 namespace nha {
 
-// Named, not anonymous: unity builds (scripts/test.sh) put this file in one unit with others.
-namespace interop_internal {
+// Named ("Hugging Face I/O"), not anonymous: unity builds (scripts/test.sh) put this file in one
+// unit with others, where anonymous names would collide.
+namespace hfio {
 
 constexpr const char* kWeightsFile = "model.safetensors";
 constexpr const char* kIndexFile = "model.safetensors.index.json";
@@ -39,9 +40,7 @@ std::vector<NamedParameter> parameter_layout(const ModelConfig& model) {
   return LanguageModel(model, 0).named_parameters();
 }
 
-const char* torch_dtype_name(DType dtype) {
-  return dtype == DType::BF16 ? "bfloat16" : "float32";
-}
+const char* torch_dtype_name(DType dtype) { return dtype == DType::BF16 ? "bfloat16" : "float32"; }
 
 json read_json_file(const fs::path& path) {
   NHA_CHECK(fs::is_regular_file(path))
@@ -93,8 +92,9 @@ void refuse_unrepresentable_llama(const json& c, const ModelConfig& m, const std
   if (m.n_heads > 0 && m.d_model % m.n_heads == 0) {
     const int64_t head_dim = field<int64_t>(c, "head_dim", source, m.d_model / m.n_heads);
     NHA_CHECK(head_dim == m.d_model / m.n_heads)
-        << source << ": head_dim is " << head_dim << ", not hidden_size / num_attention_heads = "
-        << m.d_model / m.n_heads << ". HINT: our heads are slices of the hidden state";
+        << source << ": head_dim is " << head_dim
+        << ", not hidden_size / num_attention_heads = " << m.d_model / m.n_heads
+        << ". HINT: our heads are slices of the hidden state";
   }
   for (const char* bias : {"attention_bias", "mlp_bias"})
     NHA_CHECK(!field<bool>(c, bias, source, false))
@@ -184,7 +184,8 @@ std::map<std::string, SafetensorsTensor> read_model_tensors(const fs::path& dir)
       const auto it = shard_of.find(name);
       NHA_CHECK(it != shard_of.end() && it->second == shard)
           << "'" << (dir / shard).string() << "' holds tensor '" << name << "', which "
-          << index_path.string() << " puts " << (it == shard_of.end() ? "nowhere" : "in " + it->second)
+          << index_path.string() << " puts "
+          << (it == shard_of.end() ? "nowhere" : "in " + it->second)
           << ". HINT: the shards and their index disagree; download them again";
       tensors[name] = std::move(t);
     }
@@ -200,12 +201,14 @@ std::map<std::string, SafetensorsTensor> read_model_tensors(const fs::path& dir)
 void check_tied_head(const std::map<std::string, SafetensorsTensor>& tensors, bool tied,
                      const std::string& tie_key, const std::string& source) {
   const bool has_head = tensors.count(kHeadName) > 0;
-  NHA_CHECK(!(tied && has_head))
-      << source << " says " << tie_key << " = true, but the weights hold a separate '"
-      << kHeadName << "'. HINT: set " << tie_key << " to false if the head is its own matrix";
-  NHA_CHECK(tied || has_head)
-      << source << " says " << tie_key << " = false, but the weights hold no '" << kHeadName
-      << "'. HINT: set " << tie_key << " to true if the head shares the embedding matrix";
+  NHA_CHECK(!(tied && has_head)) << source << " says " << tie_key
+                                 << " = true, but the weights hold a separate '" << kHeadName
+                                 << "'. HINT: set " << tie_key
+                                 << " to false if the head is its own matrix";
+  NHA_CHECK(tied || has_head) << source << " says " << tie_key
+                              << " = false, but the weights hold no '" << kHeadName
+                              << "'. HINT: set " << tie_key
+                              << " to true if the head shares the embedding matrix";
 }
 
 // Our parameters from the stored tensors (file names by `file_name`): every one present, of the
@@ -240,16 +243,16 @@ std::vector<NamedParameter> match_parameters(
     if (!used.count(name)) extra += " " + name;
   NHA_CHECK(missing.empty() && extra.empty())
       << "'" << dir << "' does not match its config.json: missing tensors:"
-      << (missing.empty() ? " none" : missing) << "; unexpected tensors:"
-      << (extra.empty() ? " none" : extra)
+      << (missing.empty() ? " none" : missing)
+      << "; unexpected tensors:" << (extra.empty() ? " none" : extra)
       << ". HINT: only plain Llama models (and our own exports) can be imported";
   return params;
 }
 
 // A run config around an imported model. Only `model` describes the file; train.* and data.* just
 // make the config valid (data.train names the source directory): a fine-tune brings its own.
-RunConfig imported_run_config(const ModelConfig& model, const json& config,
-                              const std::string& dir, const std::string& source) {
+RunConfig imported_run_config(const ModelConfig& model, const json& config, const std::string& dir,
+                              const std::string& source) {
   RunConfig run;
   run.model = model;
   run.source = source;
@@ -275,14 +278,13 @@ std::string file_bytes(const std::string& path) {
 // The parameters an nha layer has and an attention layer lacks (layers/nha.h).
 bool new_in_nha_layer(const std::string& name) {
   for (const std::string suffix : {".mixer.wf.weight", ".mixer.out_norm.weight"})
-    if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+    if (name.size() > suffix.size() &&
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
       return true;
   return false;
 }
 
-}  // namespace interop_internal
-
-using namespace interop_internal;
+}  // namespace hfio
 
 bool is_llama_compatible(const ModelConfig& model) {
   for (int64_t i = 0; i < model.n_layers; ++i) {
@@ -342,7 +344,7 @@ nlohmann::json llama_config_json(const RunConfig& run, const ExportedConfigExtra
           {"tie_word_embeddings", m.tie_embeddings},
           {"max_position_embeddings", run.train.seq_len},
           {"initializer_range", m.init_std},
-          {"torch_dtype", torch_dtype_name(x.dtype)},
+          {"torch_dtype", hfio::torch_dtype_name(x.dtype)},
           {"bos_token_id", x.bos_id},
           {"eos_token_id", x.eos_id}};
 }
@@ -368,19 +370,19 @@ nlohmann::json nha_config_json(const RunConfig& run, const ExportedConfigExtras&
           {"init_std", m.init_std},
           {"mixers", mixers},
           {"max_position_embeddings", run.train.seq_len},
-          {"torch_dtype", torch_dtype_name(x.dtype)},
+          {"torch_dtype", hfio::torch_dtype_name(x.dtype)},
           {"bos_token_id", x.bos_id},
           {"eos_token_id", x.eos_id}};
 }
 
 ModelConfig model_config_from_json(const nlohmann::json& config, const std::string& source) {
   NHA_CHECK(config.is_object()) << source << " is not a JSON object. HINT: see docs/interop.md";
-  const std::string type = field<std::string>(config, "model_type", source);
+  const std::string type = hfio::field<std::string>(config, "model_type", source);
   NHA_CHECK(type == "llama" || type == "nha")
       << source << ": model_type is '" << type << "'. HINT: `nha import` reads Llama models "
       << "(model_type llama) and our own exports (model_type nha)";
-  ModelConfig m = type == "llama" ? llama_model_config(config, source)
-                                  : nha_model_config(config, source);
+  ModelConfig m = type == "llama" ? hfio::llama_model_config(config, source)
+                                  : hfio::nha_model_config(config, source);
   try {
     m.validate();
   } catch (const Error& e) {
@@ -396,7 +398,7 @@ SafetensorsExport export_safetensors(const std::string& checkpoint, const std::s
   const bool llama = is_llama_compatible(run.model);
   const std::map<std::string, Tensor> saved = read_parameters(checkpoint);
   std::vector<std::pair<std::string, Tensor>> tensors;  // (file name, values) in the model's order
-  for (const NamedParameter& p : parameter_layout(run.model)) {
+  for (const NamedParameter& p : hfio::parameter_layout(run.model)) {
     const auto it = saved.find(p.name);
     NHA_CHECK(it != saved.end() && it->second.shape() == p.tensor.shape())
         << "'" << checkpoint << "': parameter '" << p.name << "' is "
@@ -407,26 +409,27 @@ SafetensorsExport export_safetensors(const std::string& checkpoint, const std::s
   }
   const json config = llama ? llama_config_json(run, extras) : nha_config_json(run, extras);
   // transformers refuses safetensors files whose metadata lacks format = pt.
-  write_safetensors((fs::path(out_dir) / kWeightsFile).string(), tensors, extras.dtype,
+  write_safetensors((fs::path(out_dir) / hfio::kWeightsFile).string(), tensors, extras.dtype,
                     {{"format", "pt"}});
-  write_file_atomic((fs::path(out_dir) / kConfigFile).string(), config.dump(2) + "\n");
+  write_file_atomic((fs::path(out_dir) / hfio::kConfigFile).string(), config.dump(2) + "\n");
   if (!tokenizer_path.empty())
-    write_file_atomic((fs::path(out_dir) / kTokenizerFile).string(), file_bytes(tokenizer_path));
+    write_file_atomic((fs::path(out_dir) / hfio::kTokenizerFile).string(),
+                      hfio::file_bytes(tokenizer_path));
   return {llama ? "llama" : "nha", int64_t(tensors.size())};
 }
 
 SafetensorsImport import_safetensors(const std::string& dir, const std::string& out) {
-  const fs::path config_path = fs::path(dir) / kConfigFile;
-  const json config = read_json_file(config_path);
+  const fs::path config_path = fs::path(dir) / hfio::kConfigFile;
+  const json config = hfio::read_json_file(config_path);
   const ModelConfig model = model_config_from_json(config, config_path.string());
   const bool llama = config["model_type"] == "llama";
-  const std::map<std::string, SafetensorsTensor> tensors = read_model_tensors(dir);
-  check_tied_head(tensors, model.tie_embeddings, llama ? "tie_word_embeddings" : "tie_embeddings",
-                  config_path.string());
+  const std::map<std::string, SafetensorsTensor> tensors = hfio::read_model_tensors(dir);
+  hfio::check_tied_head(tensors, model.tie_embeddings,
+                        llama ? "tie_word_embeddings" : "tie_embeddings", config_path.string());
   const auto file_name = [llama](const std::string& name) {
     return llama ? llama_name(name) : name;
   };
-  const std::vector<NamedParameter> params = match_parameters(model, tensors, file_name, dir);
+  const std::vector<NamedParameter> params = hfio::match_parameters(model, tensors, file_name, dir);
   const bool all_bf16 = std::all_of(tensors.begin(), tensors.end(),
                                     [](const auto& t) { return t.second.dtype == "BF16"; });
   SafetensorsImport result;
@@ -435,7 +438,7 @@ SafetensorsImport import_safetensors(const std::string& dir, const std::string& 
   result.tensors = int64_t(params.size());
   const bool is_file = fs::path(out).extension() == ".h5";
   result.out_path = is_file ? out : checkpoint_path((fs::path(out) / "checkpoints").string(), 0);
-  const RunConfig run = imported_run_config(model, config, dir, "imported from " + dir);
+  const RunConfig run = hfio::imported_run_config(model, config, dir, "imported from " + dir);
   write_parameters(result.out_path, params, to_yaml(run), result.dtype, 0, 0);
   return result;
 }
@@ -453,9 +456,9 @@ ModelConfig nha_conversion_config(const ModelConfig& source, const NhaConversion
   const int64_t K = conversion.full_attention_every;
   for (int64_t i = 0; i < source.n_layers; ++i) {
     const bool keep_attention = K > 0 && (i + 1) % K == 0;
-    target.mixers.push_back(keep_attention ? MixerConfig{}
-                                           : MixerConfig{MixerType::NHA, conversion.window,
-                                                         conversion.slots});
+    target.mixers.push_back(keep_attention
+                                ? MixerConfig{}
+                                : MixerConfig{MixerType::NHA, conversion.window, conversion.slots});
   }
   target.validate();
   return target;
@@ -469,7 +472,7 @@ std::vector<NamedParameter> convert_parameters(const std::map<std::string, Tenso
   for (NamedParameter& p : params) {
     const auto it = source.find(p.name);
     if (it == source.end()) {
-      NHA_CHECK(new_in_nha_layer(p.name))
+      NHA_CHECK(hfio::new_in_nha_layer(p.name))
           << "nha convert: the source lacks parameter '" << p.name << "'. HINT: the source file "
           << "and its /config disagree; export it again";
       continue;  // keeps the fresh model's draw

@@ -66,7 +66,8 @@ SafetensorsExport export_safetensors(const std::string& checkpoint, const std::s
 struct SafetensorsImport {
   std::string out_path;    // the .h5 written
   std::string model_type;  // "llama" or "nha"
-  DType dtype = DType::F32;  // bf16 when every tensor was stored BF16, else f32 (F16 is exact in f32)
+  // bf16 when every tensor was stored BF16, else f32 (F16 values are exact in f32)
+  DType dtype = DType::F32;
   int64_t tensors = 0;
 };
 // Reads a Hugging Face directory (config.json + model.safetensors, or the shards that
@@ -79,8 +80,8 @@ SafetensorsImport import_safetensors(const std::string& dir, const std::string& 
 // ---- Transformer++ -> NHA (`nha convert`, docs/interop.md "nha convert") ----------------------
 
 struct NhaConversion {
-  int64_t window = 64;              // w of every converted layer
-  int64_t slots = 64;               // M of every converted layer
+  int64_t window = 64;               // w of every converted layer
+  int64_t slots = 64;                // M of every converted layer
   int64_t full_attention_every = 0;  // K > 0: layers K-1, 2K-1, ... stay full attention
   uint64_t seed = 0;                 // draws the new slot-gate projections wf
 };

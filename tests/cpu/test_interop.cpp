@@ -206,11 +206,13 @@ void split_into_shards(const std::string& dir, const std::string& moved_tensor_w
     const bool in_first = name.find("layers.1.") == std::string::npos;
     (in_first ? first : second).emplace_back(name, t.value);
     const bool wrong = name == moved_tensor_wrongly;
-    index["weight_map"][name] = in_first != wrong ? "model-00001-of-00002.safetensors"
-                                                  : "model-00002-of-00002.safetensors";
+    index["weight_map"][name] =
+        in_first != wrong ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
   }
-  write_safetensors(dir + "/model-00001-of-00002.safetensors", first, DType::F32, {{"format", "pt"}});
-  write_safetensors(dir + "/model-00002-of-00002.safetensors", second, DType::F32, {{"format", "pt"}});
+  write_safetensors(dir + "/model-00001-of-00002.safetensors", first, DType::F32,
+                    {{"format", "pt"}});
+  write_safetensors(dir + "/model-00002-of-00002.safetensors", second, DType::F32,
+                    {{"format", "pt"}});
   std::ofstream(dir + "/model.safetensors.index.json") << index.dump(2);
   fs::remove(dir + "/model.safetensors");
 }
@@ -238,8 +240,9 @@ TEST_F(Interop, ShardedDirectoriesImportLikeOneFile) {
 json python_reference(const std::string& dir, const std::string& log) {
   std::string ids;
   for (int32_t id : kIds) ids += (ids.empty() ? "" : ",") + std::to_string(id);
-  const std::string cmd = std::string("python3 ") + NHA_SOURCE_DIR + "/scripts/llama_reference.py " +
-                          dir + " --ids " + ids + " > " + log + " 2>&1";
+  const std::string cmd = std::string("python3 ") + NHA_SOURCE_DIR +
+                          "/scripts/llama_reference.py " + dir + " --ids " + ids + " > " + log +
+                          " 2>&1";
   EXPECT_EQ(std::system(cmd.c_str()), 0) << testing::read_file(log);
   return json::parse(testing::read_file(log));
 }
@@ -323,8 +326,9 @@ TEST_F(InteropRefusals, ConfigFeaturesWeCannotRepresent) {
 TEST_F(InteropRefusals, TensorsThatDoNotMatchTheConfig) {
   auto t = tensors_.tensors;
   t.erase("model.layers.1.mlp.up_proj.weight");
-  expect_refused(config_, t, {"missing tensors: model.layers.1.mlp.up_proj.weight",
-                              "unexpected tensors: none"});
+  expect_refused(
+      config_, t,
+      {"missing tensors: model.layers.1.mlp.up_proj.weight", "unexpected tensors: none"});
   t = tensors_.tensors;
   t["model.layers.0.self_attn.rotary_emb.inv_freq"] = {Tensor::zeros({4}, DType::F32), "F32"};
   expect_refused(config_, t, {"unexpected tensors: model.layers.0.self_attn.rotary_emb.inv_freq"});
@@ -382,7 +386,8 @@ TEST_F(Interop, ConvertReusesEveryTransformerParameter) {
   EXPECT_EQ(m.mixers[0].slots, 3);
   EXPECT_EQ(m.mixers[1].type, MixerType::Attention);
   EXPECT_EQ(m.mixers[1].window, 0);
-  const std::map<std::string, Tensor> source = read_parameters(ckpt), converted = read_parameters(out);
+  const std::map<std::string, Tensor> source = read_parameters(ckpt),
+                                      converted = read_parameters(out);
   for (const auto& [name, t] : source) {
     ASSERT_TRUE(converted.count(name)) << name;
     EXPECT_TRUE(identical_bits(t, converted.at(name))) << name;
@@ -391,7 +396,8 @@ TEST_F(Interop, ConvertReusesEveryTransformerParameter) {
   EXPECT_EQ(converted.size(), source.size() + 2);
   EXPECT_EQ(converted.at("layers.0.mixer.wf.weight").shape(), (Shape{2 * 3, 16}));
   EXPECT_GT(testing::max_abs_diff(converted.at("layers.0.mixer.wf.weight"),
-                                  Tensor::zeros({6, 16}, DType::F32)), 0.0);
+                                  Tensor::zeros({6, 16}, DType::F32)),
+            0.0);
   EXPECT_TRUE(identical_bits(converted.at("layers.0.mixer.out_norm.weight"),
                              Tensor::ones({16}, DType::F32)));
   // Every layer kept as attention: the same model.
@@ -405,9 +411,11 @@ TEST_F(Interop, ConvertReusesEveryTransformerParameter) {
 }
 
 // One sequence's attention output o [T, H*hd] per head: softmax over [M null slots (logit 0,
-// value 0) ; the causal keys u <= t with logits q_t . k_u / sqrt(hd)] of the values f(v_u), f = SiLU
-// or the identity. q, k, v [T, H, hd] flattened. M = 0 and the identity: plain causal attention.
-std::vector<double> attend_with_null_slots(const std::vector<double>& q, const std::vector<double>& k,
+// value 0) ; the causal keys u <= t with logits q_t . k_u / sqrt(hd)] of the values f(v_u), f =
+// SiLU or the identity. q, k, v [T, H, hd] flattened. M = 0 and the identity: plain causal
+// attention.
+std::vector<double> attend_with_null_slots(const std::vector<double>& q,
+                                           const std::vector<double>& k,
                                            const std::vector<double>& v, int64_t T, int64_t H,
                                            int64_t hd, int64_t M, bool silu_values) {
   std::vector<double> o(size_t(T * H * hd), 0.0);
@@ -452,11 +460,14 @@ TEST_F(Interop, ConvertedLayerIsSourceAttentionWithNullSlotsWhenTheWindowCoversT
   const auto& attention = dynamic_cast<const Attention&>(*source.model->layers[0]->mixer);
   const auto& nha_layer = dynamic_cast<const NhaMixer&>(*converted.model->layers[0]->mixer);
   const double base = attention.rope_base;
-  const std::vector<double> q = rope(attention.wq->forward(x).reshape({1, T, H, hd}), base).to_vector<double>();
-  const std::vector<double> k = rope(attention.wk->forward(x).reshape({1, T, H, hd}), base).to_vector<double>();
+  const std::vector<double> q =
+      rope(attention.wq->forward(x).reshape({1, T, H, hd}), base).to_vector<double>();
+  const std::vector<double> k =
+      rope(attention.wk->forward(x).reshape({1, T, H, hd}), base).to_vector<double>();
   const std::vector<double> v = attention.wv->forward(x).to_vector<double>();
   // The reference itself: without null slots and SiLU it is the source's attention.
-  const Tensor plain = Tensor::from_vector(attend_with_null_slots(q, k, v, T, H, hd, 0, false), {1, T, d});
+  const Tensor plain =
+      Tensor::from_vector(attend_with_null_slots(q, k, v, T, H, hd, 0, false), {1, T, d});
   EXPECT_LT(testing::rel_rms(attention.forward(x), attention.wo->forward(plain)), 1e-12);
   // The converted layer: SiLU(o) normed over d (gain ones), then the source's Wo.
   std::vector<double> o = attend_with_null_slots(q, k, v, T, H, hd, M, true);

@@ -64,7 +64,8 @@ TEST_F(Safetensors, F32RoundTripIsBitwiseAndKeepsOrderAndMetadata) {
   std::memcpy(&n, bytes.data(), 8);
   EXPECT_EQ(n % 8, 0u);
   EXPECT_NE(bytes.find("\"b.weight\":{\"dtype\":\"F32\",\"shape\":[7],\"data_offsets\":[0,28]}"),
-            std::string::npos) << bytes.substr(8, n);
+            std::string::npos)
+      << bytes.substr(8, n);
   EXPECT_EQ(bytes.size(), 8 + n + 4 * (15 + 7 + 1));
 }
 
@@ -121,6 +122,12 @@ TEST_F(Safetensors, BadJsonIsRefused) {
                        std::string(8, '\0')),
                  {"'a' twice"});
   expect_refused(craft("entry.safetensors", R"({"a": [1]})", ""), {"tensor 'a'", "header entry"});
+  // Deep nesting is refused while parsing (destroying it recursively would overflow the stack).
+  expect_refused(
+      craft("deep.safetensors",
+            R"({"a": {"shape": )" + std::string(100000, '[') + std::string(100000, ']') + "}}", ""),
+      {"nests deeper"});
+  expect_refused(craft("deep4.safetensors", R"({"a": {"shape": [[2]]}})", ""), {"nests deeper"});
   expect_refused(craft("nofield.safetensors", R"({"a": {"dtype": "F32", "shape": [0]}})", ""),
                  {"tensor 'a'", "data_offsets"});
   expect_refused(craft("meta.safetensors", R"({"__metadata__": {"format": 1}})", ""),
@@ -132,10 +139,10 @@ TEST_F(Safetensors, DtypeProblemsAreRefused) {
                        R"({"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}})",
                        std::string(8, '\0')),
                  {"tensor 'a'", "unknown dtype 'F33'"});
-  expect_refused(craft("i64.safetensors",
-                       R"({"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}})",
-                       std::string(8, '\0')),
-                 {"tensor 'a'", "I64", "does not take"});
+  expect_refused(
+      craft("i64.safetensors", R"({"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}})",
+            std::string(8, '\0')),
+      {"tensor 'a'", "I64", "does not take"});
 }
 
 TEST_F(Safetensors, ShapeAndOffsetProblemsAreRefused) {
@@ -164,39 +171,50 @@ TEST_F(Safetensors, ShapeAndOffsetProblemsAreRefused) {
 
 TEST_F(Safetensors, CoverageProblemsAreRefused) {
   const std::string a = R"("a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})";
-  expect_refused(craft("overlap.safetensors",
-                       "{" + a + R"(, "b": {"dtype": "F32", "shape": [4], "data_offsets": [4, 20]}})",
-                       kSixFloats),
-                 {"tensor 'b'", "overlaps tensor 'a'"});
-  expect_refused(craft("hole.safetensors",
-                       "{" + a + R"(, "b": {"dtype": "F32", "shape": [3], "data_offsets": [12, 24]}})",
-                       kSixFloats),
-                 {"hole", "bytes 8..12", "tensor 'b'"});
-  expect_refused(craft("trailing.safetensors",
-                       "{" + a + R"(, "b": {"dtype": "F32", "shape": [3], "data_offsets": [8, 20]}})",
-                       kSixFloats),
-                 {"4 bytes after the last tensor"});
+  expect_refused(
+      craft("overlap.safetensors",
+            "{" + a + R"(, "b": {"dtype": "F32", "shape": [4], "data_offsets": [4, 20]}})",
+            kSixFloats),
+      {"tensor 'b'", "overlaps tensor 'a'"});
+  expect_refused(
+      craft("hole.safetensors",
+            "{" + a + R"(, "b": {"dtype": "F32", "shape": [3], "data_offsets": [12, 24]}})",
+            kSixFloats),
+      {"hole", "bytes 8..12", "tensor 'b'"});
+  expect_refused(
+      craft("trailing.safetensors",
+            "{" + a + R"(, "b": {"dtype": "F32", "shape": [3], "data_offsets": [8, 20]}})",
+            kSixFloats),
+      {"4 bytes after the last tensor"});
   // Truncated: the offsets run past the end of the file.
-  expect_refused(craft("truncated.safetensors",
-                       "{" + a + R"(, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}})",
-                       std::string(20, '\0')),
-                 {"tensor 'b'", "beyond the data section of 20 bytes", "truncated"});
-  expect_refused(craft("far.safetensors",
-                       R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [1099511627776, 8]}})",
-                       std::string(8, '\0')),
-                 {"tensor 'a'", "data_offsets[0]"});
+  expect_refused(
+      craft("truncated.safetensors",
+            "{" + a + R"(, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}})",
+            std::string(20, '\0')),
+      {"tensor 'b'", "beyond the data section of 20 bytes", "truncated"});
+  expect_refused(
+      craft("far.safetensors",
+            R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [1099511627776, 8]}})",
+            std::string(8, '\0')),
+      {"tensor 'a'", "data_offsets[0]"});
 }
 
 TEST_F(Safetensors, WriterRefusesDuplicateAndReservedNamesAndOtherDtypes) {
   const Tensor t = testing::randn({2}, 4, DType::F32);
   testing::expect_error(
-      [&] { write_safetensors(dir_ + "/x.safetensors", {{"a", t}, {"a", t}}, DType::F32, {}); },
+      [&] {
+        write_safetensors(dir_ + "/x.safetensors", {{"a", t}, {"a", t}}, DType::F32, {});
+      },
       {"'a'", "given twice", "HINT"});
   testing::expect_error(
-      [&] { write_safetensors(dir_ + "/x.safetensors", {{"__metadata__", t}}, DType::F32, {}); },
+      [&] {
+        write_safetensors(dir_ + "/x.safetensors", {{"__metadata__", t}}, DType::F32, {});
+      },
       {"reserved", "HINT"});
   testing::expect_error(
-      [&] { write_safetensors(dir_ + "/x.safetensors", {{"a", t}}, DType::F64, {}); },
+      [&] {
+        write_safetensors(dir_ + "/x.safetensors", {{"a", t}}, DType::F64, {});
+      },
       {"f64", "HINT"});
   EXPECT_FALSE(fs::exists(dir_ + "/x.safetensors"));
 }
