@@ -21,6 +21,10 @@ namespace fs = std::filesystem;
 
 namespace nha::apps {
 
+// apps/cmd_interop.cpp: `nha export --format safetensors`.
+void export_safetensors_command(const std::string& checkpoint, const std::string& out_dir,
+                                DType dtype);
+
 namespace {
 
 volatile std::sig_atomic_t g_stop = 0;  // the signal that asked to stop (0: none)
@@ -128,20 +132,30 @@ void register_train_commands(CLI::App& app) {
     });
   }
 
-  // nha export RUN_OR_CKPT --out FILE [--dtype bf16|fp32]
+  // nha export RUN_OR_CKPT --out FILE [--dtype bf16|fp32] [--format h5|safetensors]
   {
     auto src = std::make_shared<std::string>();
     auto out = std::make_shared<std::string>();
     auto dtype = std::make_shared<std::string>("bf16");
-    CLI::App* c = app.add_subcommand("export", "write a parameters-only HDF5 file from a checkpoint");
+    auto format = std::make_shared<std::string>("h5");
+    CLI::App* c = app.add_subcommand(
+        "export", "write a parameters-only HDF5 (or safetensors) file from a checkpoint");
     c->add_option("run_or_checkpoint", *src, "run directory (newest checkpoint) or checkpoint .h5")
         ->required();
-    c->add_option("--out", *out, "output .h5")->required();
+    c->add_option("--out", *out, "output .h5 (a directory for --format safetensors)")->required();
     c->add_option("--dtype", *dtype, "bf16 or fp32")->capture_default_str();
+    c->add_option("--format", *format, "h5, or safetensors: DIR/model.safetensors + config.json "
+                                       "(Llama names for Transformer++; docs/interop.md)")
+        ->check(CLI::IsMember({"h5", "safetensors"}))
+        ->capture_default_str();
     c->callback([=] {
       NHA_CHECK(*dtype == "bf16" || *dtype == "fp32")
           << "--dtype is '" << *dtype << "'. HINT: use bf16 (half the size) or fp32 (exact)";
       const std::string ckpt = resolve_checkpoint(*src);
+      if (*format == "safetensors") {
+        export_safetensors_command(ckpt, *out, *dtype == "bf16" ? DType::BF16 : DType::F32);
+        return;
+      }
       export_parameters(ckpt, *out, *dtype == "bf16" ? DType::BF16 : DType::F32);
       std::cout << "wrote " << *out << " (" << *dtype << ", from " << ckpt << ", "
                 << fs::file_size(*out) / (1024 * 1024) << " MiB)\n";

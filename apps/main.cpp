@@ -11,6 +11,7 @@ void register_data_commands(CLI::App& app);   // apps/cmd_data.cpp
 void register_train_commands(CLI::App& app);  // apps/cmd_train.cpp
 void register_eval_commands(CLI::App& app);   // apps/cmd_eval.cpp
 void register_generate_commands(CLI::App& app);  // apps/cmd_generate.cpp
+void register_interop_commands(CLI::App& app);  // apps/cmd_interop.cpp
 }
 
 int main(int argc, char** argv) {
@@ -20,6 +21,7 @@ int main(int argc, char** argv) {
   nha::apps::register_train_commands(app);
   nha::apps::register_eval_commands(app);
   nha::apps::register_generate_commands(app);
+  nha::apps::register_interop_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -51,17 +51,30 @@ LogitsFn logits_fn(const LoadedModel& m) {
   };
 }
 
+namespace {
+
+// data.train's manifest.json: the shards' {name, hash} of the tokenizer (null when there is none).
+nlohmann::json recorded_tokenizer(const fs::path& manifest) {
+  if (manifest.parent_path().empty() || !fs::exists(manifest)) return nullptr;
+  std::ifstream in(manifest);
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  return !j.is_discarded() && j.contains("tokenizer") ? j["tokenizer"] : nlohmann::json();
+}
+
+}  // namespace
+
+std::string recorded_tokenizer_path(const RunConfig& config) {
+  const nlohmann::json recorded =
+      recorded_tokenizer(fs::path(config.data.train) / "manifest.json");
+  if (recorded.contains("name") && fs::exists(recorded["name"].get<std::string>()))
+    return recorded["name"].get<std::string>();
+  return "";
+}
+
 data::Tokenizer load_tokenizer(const RunConfig& config, const std::string& explicit_path) {
   const fs::path manifest = fs::path(config.data.train) / "manifest.json";
-  nlohmann::json recorded;  // the manifest's {name, hash} of the tokenizer, when there is one
-  if (!config.data.train.empty() && fs::exists(manifest)) {
-    std::ifstream in(manifest);
-    const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
-    if (!j.is_discarded() && j.contains("tokenizer")) recorded = j["tokenizer"];
-  }
-  std::string path = explicit_path;
-  if (path.empty() && recorded.contains("name") && fs::exists(recorded["name"].get<std::string>()))
-    path = recorded["name"].get<std::string>();
+  const nlohmann::json recorded = recorded_tokenizer(manifest);
+  const std::string path = explicit_path.empty() ? recorded_tokenizer_path(config) : explicit_path;
   NHA_CHECK(!path.empty()) << "cannot find the tokenizer of this model (looked in "
                            << manifest.string() << "). HINT: pass --tokenizer PATH/TO/tokenizer.model";
   data::Tokenizer tok = data::Tokenizer::load(path);

@@ -35,6 +35,8 @@ LogitsFn logits_fn(const LoadedModel& m);
 // with (data.train's manifest.json). Fails with a hint when it cannot be found, or when the
 // manifest records another tokenizer's hash (another tokenizer gives other numbers silently).
 data::Tokenizer load_tokenizer(const RunConfig& config, const std::string& explicit_path);
+// The tokenizer file data.train's manifest.json names, or "" when it names none or it is gone.
+std::string recorded_tokenizer_path(const RunConfig& config);
 
 // Runs every task (names or PATH:SCHEMA specs, resolved against data_dir) and prints the table.
 std::vector<TaskResult> run_tasks(const LoadedModel& m, const data::Tokenizer& tokenizer,

@@ -622,16 +622,24 @@ void export_parameters(const std::string& checkpoint_path, const std::string& ou
     if (r.has_attr(r.file(), "step")) step = r.attr<int64_t>(r.file(), "step");
     if (r.has_attr(r.file(), "tokens_seen")) tokens = r.attr<int64_t>(r.file(), "tokens_seen");
   }
+  write_parameters(out_path, params, config, dtype, step, tokens);
+}
+
+void write_parameters(const std::string& out_path, const std::vector<NamedParameter>& params,
+                      const std::string& config_yaml, DType dtype, int64_t step,
+                      int64_t tokens_seen) {
+  NHA_CHECK(dtype == DType::F32 || dtype == DType::BF16)
+      << "export dtype must be fp32 or bf16, got " << dtype_name(dtype);
   Writer w(out_path);
   w.attr(w.file(), "format", std::string(kExportFormat));
   w.attr(w.file(), "dtype", std::string(dtype == DType::BF16 ? "bf16" : "fp32"));
   w.attr(w.file(), "step", step);
-  w.attr(w.file(), "tokens_seen", tokens);
+  w.attr(w.file(), "tokens_seen", tokens_seen);
   {
     Handle g = w.group(w.file(), "params");
     for (const NamedParameter& p : params) w.tensor(g, p.name, p.tensor, dtype);
   }
-  w.string_dataset(w.file(), "config", config);
+  w.string_dataset(w.file(), "config", config_yaml);
   w.commit();
 }
 

@@ -71,6 +71,11 @@ std::string read_config_yaml(const std::string& path);
 // tokens_seen. Atomic like checkpoints.
 void export_parameters(const std::string& checkpoint_path, const std::string& out_path,
                        DType dtype);
+// The same file from parameters in memory (`nha import`, `nha convert`): `params` in this order,
+// `config_yaml` the resolved run config that `nha eval` / `nha generate` build the model from.
+void write_parameters(const std::string& out_path, const std::vector<NamedParameter>& params,
+                      const std::string& config_yaml, DType dtype, int64_t step,
+                      int64_t tokens_seen);
 
 // Checkpoints of a directory: (step, path) sorted by step; only complete files named
 // step_<digits>.h5 count (temp files never do).
