@@ -11,6 +11,7 @@
 #include "autograd/node.h"
 #include "common/testing.h"
 #include "eval/runner.h"
+#include "layers/attention.h"
 #include "layers/nha.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
