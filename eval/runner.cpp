@@ -26,18 +26,7 @@ LoadedModel load_model(const std::string& path, Device device) {
     SkipInitGuard loaded_next;  // every parameter is overwritten below (a missing one is an error)
     m.model = std::make_shared<LanguageModel>(m.config.model, m.config.train.seed);
   }
-  const std::map<std::string, Tensor> saved = read_parameters(m.checkpoint);
-  for (const NamedParameter& p : m.model->named_parameters()) {
-    auto it = saved.find(p.name);
-    NHA_CHECK(it != saved.end()) << m.checkpoint << " lacks parameter '" << p.name
-                                 << "'. HINT: the file and its config disagree; re-export it";
-    NHA_CHECK(it->second.shape() == p.tensor.shape())
-        << m.checkpoint << ": parameter '" << p.name << "' is " << it->second.str()
-        << " but the model expects " << p.tensor.str();
-    autograd::NoGradGuard no_grad;
-    Tensor dst = p.tensor;
-    dst.copy_(it->second);
-  }
+  load_parameters_into(m.checkpoint, m.model->named_parameters());
   m.model->to(device);
   m.device = device;
   m.compute_dtype = device.is_cuda() ? DType::BF16 : DType::F32;

@@ -1,6 +1,7 @@
 #include "layers/model_config.h"
 
 #include <cmath>
+#include <sstream>
 
 #include "core/error.h"
 
@@ -36,6 +37,37 @@ MixerConfig MixerConfig::resolved() const {
 
 MixerConfig ModelConfig::mixer(int64_t layer) const {
   return mixers.empty() ? MixerConfig{} : mixers.at(size_t(layer));
+}
+
+namespace {
+
+std::string mixer_text(const MixerConfig& m) {
+  const MixerConfig r = m.resolved();
+  std::string s = mixer_type_name(r.type);
+  if (r.type == MixerType::Attention) return s + " window " + std::to_string(r.window);
+  return s + " window " + std::to_string(r.window) + " slots " + std::to_string(r.slots);
+}
+
+}  // namespace
+
+std::string architecture_difference(const ModelConfig& a, const ModelConfig& b) {
+  auto differ = [](const char* key, auto x, auto y) {
+    std::ostringstream s;
+    if (x != y) s << key << " " << x << " vs " << y;
+    return s.str();
+  };
+  for (const std::string& d :
+       {differ("vocab_size", a.vocab_size, b.vocab_size), differ("d_model", a.d_model, b.d_model),
+        differ("n_layers", a.n_layers, b.n_layers), differ("n_heads", a.n_heads, b.n_heads),
+        differ("mlp_hidden", a.resolved_mlp_hidden(), b.resolved_mlp_hidden()),
+        differ("tie_embeddings", a.tie_embeddings, b.tie_embeddings),
+        differ("norm_eps", a.norm_eps, b.norm_eps), differ("rope_base", a.rope_base, b.rope_base)})
+    if (!d.empty()) return d;
+  for (int64_t i = 0; i < a.n_layers; ++i) {
+    const std::string x = mixer_text(a.mixer(i)), y = mixer_text(b.mixer(i));
+    if (x != y) return "layer " + std::to_string(i) + ": " + x + " vs " + y;
+  }
+  return "";
 }
 
 namespace {

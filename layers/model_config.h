@@ -41,4 +41,9 @@ struct ModelConfig {
   void validate() const;  // throws nha::Error naming the bad field
 };
 
+// "" when a and b describe the same network (the same parameters, and per layer the same mixer,
+// window and slots, which the parameter shapes do not all show), else the first difference, e.g.
+// "layer 3: nha window 64 vs attention". init_std is not compared (it only draws parameters).
+std::string architecture_difference(const ModelConfig& a, const ModelConfig& b);
+
 }  // namespace nha

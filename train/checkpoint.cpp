@@ -601,6 +601,21 @@ std::string read_config_yaml(const std::string& path) {
   return r.string_dataset(r.file(), "config");
 }
 
+void load_parameters_into(const std::string& path, const std::vector<NamedParameter>& params) {
+  const std::map<std::string, Tensor> saved = read_parameters(path);
+  autograd::NoGradGuard no_grad;
+  for (const NamedParameter& p : params) {
+    auto it = saved.find(p.name);
+    NHA_CHECK(it != saved.end()) << path << " lacks parameter '" << p.name
+                                 << "'. HINT: the file and its config disagree; re-export it";
+    NHA_CHECK(it->second.shape() == p.tensor.shape())
+        << path << ": parameter '" << p.name << "' is " << it->second.str()
+        << " but the model expects " << p.tensor.str();
+    Tensor dst = p.tensor;
+    dst.copy_(it->second);
+  }
+}
+
 void export_parameters(const std::string& checkpoint_path, const std::string& out_path,
                        DType dtype) {
   NHA_CHECK(dtype == DType::F32 || dtype == DType::BF16)

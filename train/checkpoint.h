@@ -64,6 +64,10 @@ TrainState read_train_state(const std::string& path);
 std::map<std::string, Tensor> read_parameters(const std::string& path);
 // The resolved config YAML stored in a checkpoint or export file.
 std::string read_config_yaml(const std::string& path);
+// Copies every parameter of the file `path` into `params` (values converted to each tensor's dtype
+// and device). Every name must be in the file with the same shape; the error names the one that
+// is missing or differs.
+void load_parameters_into(const std::string& path, const std::vector<NamedParameter>& params);
 
 // Parameters-only file for evaluation or sharing: /params/<name> in f32 or bf16 (an HDF5 16-bit
 // float type with bfloat16's bit layout: 1 sign, 8 exponent, 7 mantissa bits; h5py reads it

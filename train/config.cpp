@@ -142,6 +142,7 @@ void train_keys(Visitor& v, Train& t) {
   v.value("spike_factor", t.spike_factor);
   v.value("dist_timeout_s", t.dist_timeout_s);
   v.value("dist_bucket_mb", t.dist_bucket_mb);
+  v.value("init_from", t.init_from);
 }
 
 template <typename Visitor, typename Data>

@@ -40,6 +40,9 @@ struct TrainConfig {
   // this many MiB.
   double dist_timeout_s = 600;
   double dist_bucket_mb = 25;
+  // A fresh run's starting parameters: an export file or checkpoint of the same architecture
+  // (nha export / import / convert); "" draws them from `seed`. --resume ignores it.
+  std::string init_from;
 
   int64_t tokens_per_micro_step() const { return micro_batch * seq_len; }
   int64_t accumulation_steps(int64_t world_size) const;

@@ -183,6 +183,7 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   setup_data();
 
   model_ = std::make_unique<LanguageModel>(config_.model, t.seed);
+  if (!t.init_from.empty() && !options_.resume) load_initial_parameters();
   model_->to(device_);
   params_ = model_->named_parameters();
   for (const NamedParameter& p : params_) param_tensors_.push_back(p.tensor);
@@ -321,6 +322,23 @@ void Trainer::setup_data() {
   }
   NHA_CHECK(train_source_->local_batch() % t.micro_batch == 0) << "internal: batch rows";
   accumulation_ = train_source_->local_batch() / t.micro_batch;
+}
+
+// train.init_from: a fresh run starts from the parameters of a file (nha export, import or
+// convert), checked to be the same network as the run's model section; the optimizer, the step
+// and the data position start fresh, as with drawn parameters.
+void Trainer::load_initial_parameters() {
+  const std::string& from = config_.train.init_from;
+  const std::string file = resolve_checkpoint(from);
+  const RunConfig saved = parse_config(read_config_yaml(file), file + ":/config");
+  const std::string diff = architecture_difference(saved.model, config_.model);
+  NHA_CHECK(diff.empty())
+      << config_.source << ": train.init_from '" << from << "' holds another network than the "
+      << "run's model section (" << diff << ": the file's vs the run's). HINT: copy the model "
+      << "section of the file's config (its /config dataset: h5dump -d /config, or h5py) into the "
+      << "run config";
+  load_parameters_into(file, model_->named_parameters());
+  log_line("initial parameters from " + file);
 }
 
 // Ranks that disagree (another config file, another --set) would average the gradients of

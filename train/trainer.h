@@ -125,6 +125,7 @@ class Trainer {
   void log_line(const std::string& line);
   void setup_data();
   void check_config_agrees_across_ranks();
+  void load_initial_parameters();
   TrainState state() const;
   bool stop_requested_here() const;  // request_stop() or the stop flag, on this process
   bool stop_now() const;  // a stop was requested (under data parallelism: on any rank)

@@ -225,6 +225,28 @@ TEST_F(TrainerTest, ResumeIsBitwiseIdentical) {
   for (auto& [name, t] : fa) EXPECT_TRUE(bitwise_equal(t, fc.at(name))) << name;
 }
 
+// train.init_from: a fresh run starts from a trained run's parameters (through an export file,
+// as after nha import / convert) with a fresh optimizer and step; another network is refused.
+TEST_F(TrainerTest, InitFromStartsFromAnotherRunsParameters) {
+  Trainer a(config("source", {"checkpoint.interval=3"}));
+  a.train();
+  const std::string exported = root_ + "/source.h5";
+  export_parameters(latest_checkpoint(root_ + "/source/checkpoints"), exported, DType::F32);
+  Trainer b(config("tuned", {"train.init_from=" + exported, "train.seed=99"}));
+  EXPECT_EQ(b.step(), 0);
+  EXPECT_EQ(b.optimizer().step_count(), 0);
+  auto pa = a.model().named_parameters(), pb = b.model().named_parameters();
+  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(bitwise_equal(pa[i].tensor, pb[i].tensor)) << pa[i].name;
+  b.train(1);
+  EXPECT_FALSE(bitwise_equal(pa[0].tensor, b.model().named_parameters()[0].tensor)) << "it trains";
+  // The same parameter shapes but another mixer: refused, naming the layer.
+  testing::expect_error(
+      [&] { Trainer(config("other", {"train.init_from=" + exported, "model.layers=[{type: attention}, {type: attention, window: 4}]"})); },
+      {"train.init_from", "layer 1: attention window 0 vs attention window 4", "HINT"});
+  testing::expect_error([&] { Trainer(config("none", {"train.init_from=" + root_ + "/nothing.h5"})); },
+                        {"nothing.h5"});
+}
+
 // A damaged newest checkpoint: --resume says so and continues from the newest one that loads.
 TEST_F(TrainerTest, ResumeFallsBackToTheNewestCheckpointThatLoads) {
   const std::vector<std::string> sets = {"checkpoint.interval=3"};
