@@ -15,7 +15,9 @@ in float64, sharing no code with the C++ side:
 RMSNorm(v) = v / sqrt(mean(v^2) + rms_norm_eps) * weight; RoPE rotates the pairs (i, i + hd/2) of
 each head by pos * rope_theta^(-2i/hd) (HF's rotate_half); attention is causal with scale
 1/sqrt(hd). When the `safetensors` package (with numpy) is importable, the file is also loaded
-with it and compared with this parser's values; otherwise that part is skipped with a message.
+with it and compared with this parser's values; when `torch` and `transformers` are (the GPU
+machine has both), LlamaForCausalLM itself loads DIR and its float64 logits are compared with
+these ("transformers" in the output); otherwise each part is skipped with a message.
 """
 import argparse
 import json
@@ -156,6 +158,29 @@ def check_with_safetensors_package(path, tensors):
     return "ok: %d tensors equal" % len(tensors)
 
 
+def check_with_transformers(path, ids, logits):
+    """LlamaForCausalLM.from_pretrained(DIR) in float64 on the same ids: its logits vs ours."""
+    try:
+        import torch
+        from transformers import LlamaForCausalLM
+    except ImportError as e:
+        return "skipped: torch and transformers are not importable (%s)" % e
+    try:
+        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="eager")
+    except TypeError:  # transformers 4 spells it torch_dtype
+        model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float64,
+                                                 attn_implementation="eager")
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].tolist()
+    num = sum((a - b) ** 2 for ra, rb in zip(theirs, logits) for a, b in zip(ra, rb))
+    den = sum(b * b for rb in logits for b in rb)
+    err = math.sqrt(num / den) if den > 0 else float("inf")
+    # HF computes RMSNorm statistics and the RoPE frequencies in float32 even for a float64 model,
+    # so ~1e-7 is its agreement with an all-float64 forward; a layout error is O(1).
+    verdict = "ok" if err < 1e-5 else "mismatch"
+    return "%s: LlamaForCausalLM logits rel RMS %.3g vs this forward" % (verdict, err)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir", help="directory with config.json and model.safetensors")
@@ -166,8 +191,10 @@ def main():
     path = os.path.join(a.dir, "model.safetensors")
     tensors = read_safetensors(path)
     ids = [int(i) for i in a.ids.split(",")]
-    json.dump({"logits": forward(cfg, tensors, ids),
-               "safetensors_package": check_with_safetensors_package(path, tensors)}, sys.stdout)
+    logits = forward(cfg, tensors, ids)
+    json.dump({"logits": logits,
+               "safetensors_package": check_with_safetensors_package(path, tensors),
+               "transformers": check_with_transformers(a.dir, ids, logits)}, sys.stdout)
     print()
 
 

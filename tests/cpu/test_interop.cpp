@@ -264,6 +264,11 @@ TEST_F(Interop, LogitsEqualAnIndependentPythonLlamaForward) {
     const std::string package = ref["safetensors_package"].get<std::string>();
     std::cout << "safetensors package: " << package << "\n";
     EXPECT_EQ(package.find("mismatch"), std::string::npos) << package;
+    // Hugging Face's own LlamaForCausalLM where torch and transformers are installed (the GPU
+    // machine), skipped with a message elsewhere.
+    const std::string hf_model = ref["transformers"].get<std::string>();
+    std::cout << "transformers: " << hf_model << "\n";
+    EXPECT_EQ(hf_model.find("mismatch"), std::string::npos) << hf_model;
   }
 }
 
