@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's worth of checks, in the order that matters if time runs out:
 #   1. configure + build the GPU targets (nha_tests_gpu, bench_attention) with every core
-#   2. ctest -L gpu (every CUDA op vs the CPU reference, determinism, Philox CPU == GPU)
+#   2. ctest -L gpu (every CUDA op vs the CPU reference, determinism, Philox CPU == GPU), and
+#      where torch + transformers exist, the Hugging Face LlamaForCausalLM interop test
 #   3. compute-sanitizer memcheck over a smaller filtered set of the GPU tests
 #   4. benchmarks: bench_attention and, in the same run, the PyTorch SDPA peer (bench/peer/attn_sdpa.py),
 #      merged into attention.json with our/SDPA ratios; bench_nha (NHA core vs our flash attention)
@@ -58,6 +59,20 @@ if NHA_FLASH_VARIANT=1 timeout 60 $tests_bin --gtest_filter='CudaAttention.*' >>
 else
   note "attention tests with NHA_FLASH_VARIANT=1: FAILED ($((SECONDS - t0)) s)"
   tail -40 "$OUT/tests.log" | grep -E "Failure|Expected|Which is|rel_rms|FAILED|error" | head -20
+fi
+
+# Hugging Face interop where transformers is installed (this machine's PyTorch image): the
+# exported tiny Transformer++ loaded by LlamaForCausalLM gives the pure-Python forward's logits
+# (tests/cpu/test_interop.cpp; on CI it skips that part).
+if python3 -c "import torch, transformers" 2>/dev/null; then
+  t0=$SECONDS
+  if timeout 240 ninja -C build-gpu -j"$jobs" nha_tests_cpu >>"$OUT/build.log" 2>&1 &&
+     timeout 60 build-gpu/tests/nha_tests_cpu --gtest_filter='Interop.LogitsEqual*' >"$OUT/interop.log" 2>&1; then
+    note "HF LlamaForCausalLM interop: ok ($((SECONDS - t0)) s): $(grep -m1 '^transformers:' "$OUT/interop.log")"
+  else
+    note "HF LlamaForCausalLM interop: FAILED ($((SECONDS - t0)) s)"
+    grep -E "transformers:|Failure|Expected|error" "$OUT/interop.log" | head -10
+  fi
 fi
 
 if [[ $sanitizer == 1 ]] && command -v compute-sanitizer >/dev/null; then
