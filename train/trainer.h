@@ -129,6 +129,14 @@ class Trainer {
   bool stop_requested_here() const;  // request_stop() or the stop flag, on this process
   bool stop_now() const;  // a stop was requested (under data parallelism: on any rank)
   void zero_grad();
+  // Clips the averaged gradients with the whole model's norm (ZeRO-1: this rank's shard, the norm
+  // from every rank's sum of squares); returns the norm.
+  double clip_gradients();
+  // The AdamW update of this step; under ZeRO-1 this rank's slices, then the all-gather.
+  void update_parameters(double lr);
+  // ZeRO-1: every rank's AdamW moments into the optimizer's full moments on rank 0, for a
+  // checkpoint in the unsharded format.
+  void gather_moments_to_rank0();
 
   RunConfig config_;
   TrainerOptions options_;
