@@ -1,7 +1,7 @@
 // Data-parallel training over NCCL (docs/distributed.md).
 //
 // One process per GPU ("rank"); every rank holds the whole model and the whole AdamW state
-// (plain data parallelism, no sharding) and reads its own rows of every global batch
+// (plain data parallelism; ZeRO-1 below shards the AdamW moments) and reads its own rows of every global batch
 // (data/loader.h: rank r of W takes rows [r B/W, (r+1) B/W)). One optimizer step:
 //
 //   backward of micro-batches 1 .. n-1     gradients accumulate locally (no communication)
