@@ -72,11 +72,13 @@ int64_t BucketReducer::bucket_size(size_t b) const {
   return plan_.buckets[b].end - plan_.buckets[b].begin;
 }
 
-void BucketReducer::all_gather(Tensor& flat) {
-  NHA_CHECK(zero_) << "internal: all_gather without ZeRO-1";
-  NHA_CHECK(flat.dtype() == DType::F32 && flat.numel() == plan_.total && flat.is_contiguous())
-      << "internal: all_gather of " << flat.str() << ", expected f32 (" << plan_.total << ",)";
-  all_gather_buckets(flat.data<float>());
+void BucketReducer::start_all_gather(Tensor& flat, size_t b) {
+  NHA_CHECK(zero_) << "internal: start_all_gather without ZeRO-1";
+  NHA_CHECK(flat.dtype() == DType::F32 && flat.numel() == plan_.total && flat.is_contiguous() &&
+            b < plan_.buckets.size())
+      << "internal: all-gather of bucket " << b << " of " << flat.str() << ", expected f32 ("
+      << plan_.total << ",) in " << plan_.buckets.size() << " buckets";
+  all_gather_bucket(flat.data<float>(), b);
 }
 
 void BucketReducer::gather_to_root(const Tensor& shard, Tensor& full) {

@@ -27,7 +27,7 @@ class BucketReducer : public GradReducer {
   void zero_grad() final { grads_.zero_grad(); }
   FlatGrads& grads() final { return grads_; }
   Tensor& grad_shard() final { return shard_; }
-  void all_gather(Tensor& flat) final;
+  void start_all_gather(Tensor& flat, size_t b) final;
   void gather_to_root(const Tensor& shard, Tensor& full) final;
 
  protected:
@@ -36,8 +36,9 @@ class BucketReducer : public GradReducer {
   virtual void start_bucket(size_t b) = 0;
   // Returns when every started bucket is averaged (or, on a GPU, makes the compute stream wait).
   virtual void wait_all() = 0;
-  // The collectives of all_gather() and gather_to_root() over every bucket, arguments checked.
-  virtual void all_gather_buckets(float* flat) = 0;
+  // The collectives of start_all_gather() (bucket b of `flat`) and gather_to_root() (every bucket),
+  // arguments checked.
+  virtual void all_gather_bucket(float* flat, size_t b) = 0;
   virtual void gather_buckets(const float* shard, float* full) = 0;
 
   bool zero() const { return zero_; }

@@ -141,8 +141,9 @@ std::unique_ptr<ProcessGroup> join_mpi_group(const LaunchInfo& launch, double ti
 // ZeRO-1 (zero = true): every bucket of W * c elements is cut into W slices of c, slice r belongs
 // to rank r, and a bucket is reduce-scattered: rank r receives the average of its slice only, into
 // grad_shard() at the slice's shard_offset (shard_slices, train/flat_grads.h). The flat layout is
-// then aligned to flat_align(W), so that the slices are equal. After the update of its slices,
-// all_gather() gives every rank the others' parameters.
+// then aligned to flat_align(W), so that the slices are equal. As the update writes this rank's
+// slice of each bucket of the parameters, start_all_gather() sends it to the other ranks (the
+// all-gather of bucket b overlaps the update of the next slices).
 class GradReducer {
  public:
   virtual ~GradReducer() = default;
@@ -164,10 +165,12 @@ class GradReducer {
   // (total / W,) the averaged gradients of this rank's slices after finish(); undefined without
   // ZeRO-1.
   virtual Tensor& grad_shard() = 0;
-  // `flat` (total,) laid out like the gradients, each rank having written its own slices: every
-  // rank receives the others' slices (the all-gather of the updated parameters). On a GPU the
-  // compute stream waits for it.
-  virtual void all_gather(Tensor& flat) = 0;
+  // `flat` (total,) laid out like the gradients (the parameters): once this rank's slice of bucket
+  // b is written (on a GPU: queued on the compute stream), starts giving every rank every rank's
+  // slice of bucket b. Buckets in order 0, 1, ... on every rank.
+  virtual void start_all_gather(Tensor& flat, size_t b) = 0;
+  // Returns when every started all-gather is done (on a GPU: makes the compute stream wait).
+  virtual void finish_all_gather() = 0;
   // `shard` (total / W,) of every rank into `full` (total,) on rank 0 (the others pass an
   // undefined `full`): the moments for an unsharded checkpoint. Blocks until done.
   virtual void gather_to_root(const Tensor& shard, Tensor& full) = 0;

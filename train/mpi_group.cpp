@@ -203,13 +203,13 @@ class MpiGradReducer final : public BucketReducer {
   }
 
   // Each rank's slice of bucket b of `flat` sits at bucket_begin(b) + rank x slice_size(b).
-  void all_gather_buckets(float* flat) override {
-    for (size_t b = 0; b < num_buckets(); ++b)
-      MPI_CHECK(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, flat + bucket_begin(b),
-                               int(slice_size(b)), MPI_FLOAT, MPI_COMM_WORLD,
-                               &start("the all-gather of parameter bucket " + std::to_string(b + 1))));
-    wait_started();
+  void all_gather_bucket(float* flat, size_t b) override {
+    MPI_CHECK(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, flat + bucket_begin(b),
+                             int(slice_size(b)), MPI_FLOAT, MPI_COMM_WORLD,
+                             &start("the all-gather of parameter bucket " + std::to_string(b + 1))));
   }
+
+  void finish_all_gather() override { wait_started(); }
 
   // Rank 0 receives into `full` in place: its own slice is copied there first.
   void gather_buckets(const float* shard, float* full) override {

@@ -234,16 +234,18 @@ class NcclGradReducer final : public BucketReducer {
   }
 
   // In place: each rank's slice of bucket b sits at bucket_begin(b) + rank x slice_size(b).
-  void all_gather_buckets(float* flat) override {
+  void all_gather_bucket(float* flat, size_t b) override {
     cuda::DeviceGuard guard(group_.device().index);
     communication_waits_for_compute();
-    for (size_t b = 0; b < num_buckets(); ++b) {
-      float* bucket = flat + bucket_begin(b);  // (world x slice_size(b),)
-      NCCL_CHECK(ncclAllGather(bucket + rank() * slice_size(b), bucket, size_t(slice_size(b)),
-                               ncclFloat32, group_.comm(), group_.stream()));
-      group_.watchdog().watch(group_.stream(),
-                              "the all-gather of parameter bucket " + std::to_string(b + 1));
-    }
+    float* bucket = flat + bucket_begin(b);  // (world x slice_size(b),)
+    NCCL_CHECK(ncclAllGather(bucket + rank() * slice_size(b), bucket, size_t(slice_size(b)),
+                             ncclFloat32, group_.comm(), group_.stream()));
+    group_.watchdog().watch(group_.stream(),
+                            "the all-gather of parameter bucket " + std::to_string(b + 1));
+  }
+
+  void finish_all_gather() override {
+    cuda::DeviceGuard guard(group_.device().index);
     compute_waits_for_communication();
   }
 

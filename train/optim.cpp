@@ -140,19 +140,21 @@ void AdamW::step(double lr) {
       grad_stage_ = Tensor::zeros({flat_.numel()}, flat_.dtype(), flat_.device());  // (total,)
     view(grad_stage_, i).copy_(g);
   }
-  update(lr, grads.defined() ? grads : grad_stage_, with_grad);
+  update(lr, grads.defined() ? grads : grad_stage_, with_grad, nullptr);
 }
 
-void AdamW::step(double lr, const Tensor& grads) {
+void AdamW::step(double lr, const Tensor& grads,
+                 const std::function<void(size_t slice)>& after_slice) {
   NHA_CHECK(grads.dim() == 1 && grads.numel() == m_flat_.numel() &&
             grads.dtype() == flat_.dtype() && grads.device() == flat_.device())
       << "AdamW: the gradients are " << grads.str() << ", expected " << dtype_name(flat_.dtype())
       << " (" << m_flat_.numel() << ",) on " << flat_.device().str()
       << (sharded() ? " (this rank's gradient shard)" : " (the flat gradient buffer)");
-  update(lr, grads, std::vector<bool>(params_.size(), true));
+  update(lr, grads, std::vector<bool>(params_.size(), true), after_slice);
 }
 
-void AdamW::update(double lr, const Tensor& grads, const std::vector<bool>& with_grad) {
+void AdamW::update(double lr, const Tensor& grads, const std::vector<bool>& with_grad,
+                   const std::function<void(size_t slice)>& after_slice) {
   autograd::NoGradGuard no_grad;
   ++step_;
   check_parameters_in_place();
@@ -170,35 +172,45 @@ void AdamW::update(double lr, const Tensor& grads, const std::vector<bool>& with
     }
     slice_rows.emplace_back(first, int64_t(rows.size() / 3) - first);
   }
-  if (rows.empty()) return;
-  // The table moves to the device only when it changes (with flat gradients: once).
-  if (rows != segment_rows_) {
+  // The table moves to the device only when it changes (with flat gradients: once). Without rows
+  // every slice is skipped, but after_slice still runs for each: a rank whose slices hold only
+  // padding starts the same all-gathers as the others.
+  if (rows != segment_rows_ || slice_rows != slice_rows_) {
     segment_rows_ = rows;
     slice_rows_ = slice_rows;
-    segments_ = Tensor::from_vector<int64_t>(rows, {int64_t(rows.size() / 3), 3}, flat_.device());
+    segments_ = rows.empty() ? Tensor()
+                             : Tensor::from_vector<int64_t>(rows, {int64_t(rows.size() / 3), 3},
+                                                            flat_.device());
   }
   Backend& be = backend_for(flat_);
   // A master written since the copies were (a checkpoint load): all copies afresh, since the step
   // writes those of the updated parameters only.
   if (copies_ && !copies_->current()) be.cast(copy_flat_, flat_);
   for (size_t k = 0; k < slices_.size(); ++k) {
-    const auto [first, n] = slice_rows_[k];
-    if (n == 0) continue;
-    const ShardSlice& sl = slices_[k];
-    Tensor p = flat_.slice(0, sl.begin, sl.begin + sl.size);                 // (size,)
-    Tensor g = grads.slice(0, sl.shard_offset, sl.shard_offset + sl.size);   // (size,)
-    Tensor m = m_flat_.slice(0, sl.shard_offset, sl.shard_offset + sl.size);  // (size,)
-    Tensor v = v_flat_.slice(0, sl.shard_offset, sl.shard_offset + sl.size);  // (size,)
-    // Sharded, parameters_written() rewrites the whole copy after the all-gather.
-    Tensor copy = copies_ && !sharded() ? copy_flat_.slice(0, sl.begin, sl.begin + sl.size)
-                                        : Tensor();  // (size,) bf16 or undefined
-    be.adamw_step_flat(p, g, m, v, copy, segments_.slice(0, first, first + n), lr,
-                       options_.beta1, options_.beta2, options_.eps, options_.weight_decay, step_);
+    update_slice(k, lr, grads);
+    if (after_slice) after_slice(k);
   }
   // In-place writes: bump versions so saved-tensor checks see them.
   for (const Tensor* t : {&flat_, &m_flat_, &v_flat_, &copy_flat_})
     if (t->defined()) t->impl()->storage->bump_version();
   if (copies_ && !sharded()) copies_->mark_current();
+}
+
+void AdamW::update_slice(size_t k, double lr, const Tensor& grads) {
+  const auto [first, n] = slice_rows_[k];  // its rows of segments_
+  if (n == 0) return;
+  const ShardSlice& sl = slices_[k];
+  const int64_t a = sl.shard_offset, b = sl.shard_offset + sl.size;
+  Tensor p = flat_.slice(0, sl.begin, sl.begin + sl.size);  // (size,)
+  Tensor g = grads.slice(0, a, b);                          // (size,)
+  Tensor m = m_flat_.slice(0, a, b);                        // (size,)
+  Tensor v = v_flat_.slice(0, a, b);                        // (size,)
+  // Sharded, parameters_written() rewrites the whole copy after the all-gather.
+  Tensor copy = copies_ && !sharded() ? copy_flat_.slice(0, sl.begin, sl.begin + sl.size)
+                                      : Tensor();  // (size,) bf16 or undefined
+  backend_for(flat_).adamw_step_flat(p, g, m, v, copy, segments_.slice(0, first, first + n), lr,
+                                     options_.beta1, options_.beta2, options_.eps,
+                                     options_.weight_decay, step_);
 }
 
 void AdamW::parameters_written() {
@@ -225,11 +237,12 @@ void AdamW::allocate_full_moments() {
 
 void AdamW::release_full_moments(bool keep_own_slices) {
   NHA_CHECK(m_full_.defined()) << "internal: release_full_moments without allocate_full_moments";
-  for (const ShardSlice& sl : keep_own_slices ? slices_ : std::vector<ShardSlice>{}) {
-    const int64_t a = sl.shard_offset, b = sl.shard_offset + sl.size;
-    m_flat_.slice(0, a, b).copy_(m_full_.slice(0, sl.begin, sl.begin + sl.size));
-    v_flat_.slice(0, a, b).copy_(v_full_.slice(0, sl.begin, sl.begin + sl.size));
-  }
+  if (keep_own_slices)
+    for (const ShardSlice& sl : slices_) {
+      const int64_t a = sl.shard_offset, b = sl.shard_offset + sl.size;
+      m_flat_.slice(0, a, b).copy_(m_full_.slice(0, sl.begin, sl.begin + sl.size));
+      v_flat_.slice(0, a, b).copy_(v_full_.slice(0, sl.begin, sl.begin + sl.size));
+    }
   m_full_ = v_full_ = Tensor();
   for (size_t i = 0; i < params_.size(); ++i) m_[i] = v_[i] = Tensor();
 }

@@ -19,8 +19,10 @@
 // ZeRO-1 (docs/distributed.md): rank r of N keeps the moments of slice r of every gradient bucket
 // only and updates those elements of the parameters, from its averaged gradient shard:
 //   AdamW opt(entries, options, DType::F32, {.rank = r, .shards = N, .bucket_elements = ...});
-//   opt.step(lr, grad_shard);                  (shard_elements(),): the reducer's reduce-scatter
-//   ... all-gather of the parameters, then opt.parameters_written()
+//   opt.step(lr, grad_shard, start_all_gather);  grad_shard (shard_elements(),): the reducer's
+//                                                reduce-scatter; the all-gather of each bucket
+//                                                starts once this rank's slice of it is updated
+//   ... wait for the all-gathers, then opt.parameters_written()
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -97,7 +99,10 @@ class AdamW {
   void step() { step(options_.lr); }
   // One update of every parameter from `grads`, laid out like the moments: the flat gradient
   // buffer (total,) unsharded, this rank's averaged gradient shard (shard_elements(),) sharded.
-  void step(double lr, const Tensor& grads);
+  // after_slice(k), when given, runs once the update of slices()[k] is queued, for every k in
+  // order (ZeRO-1: starts the all-gather of bucket k while the next slices are updated).
+  void step(double lr, const Tensor& grads,
+            const std::function<void(size_t slice)>& after_slice = nullptr);
   // After the parameters were written outside step() (ZeRO-1: the all-gather of the other ranks'
   // slices): marks them written and rewrites the bf16 copy.
   void parameters_written();
@@ -151,7 +156,10 @@ class AdamW {
   Tensor flat_gradients() const;
   // The update of every parameter with with_grad[i] from `grads` (laid out like the moments):
   // one Backend::adamw_step_flat per slice this process owns.
-  void update(double lr, const Tensor& grads, const std::vector<bool>& with_grad);
+  void update(double lr, const Tensor& grads, const std::vector<bool>& with_grad,
+              const std::function<void(size_t slice)>& after_slice);
+  // The update of slices_[k] (a step's segment table made).
+  void update_slice(size_t k, double lr, const Tensor& grads);
   // (shape of parameter i) views of the (total,) buffer `flat`.
   Tensor view(const Tensor& flat, size_t i) const;
   void check_parameters_in_place() const;

@@ -452,8 +452,11 @@ void Trainer::update_parameters(double lr) {
     optimizer_->step(lr);
     return;
   }
-  optimizer_->step(lr, reducer_->grad_shard());
-  reducer_->all_gather(optimizer_->flat_parameters());
+  // The all-gather of each bucket starts as soon as this rank's slice of it is updated.
+  Tensor& flat = optimizer_->flat_parameters();
+  optimizer_->step(lr, reducer_->grad_shard(),
+                   [&](size_t bucket) { reducer_->start_all_gather(flat, bucket); });
+  reducer_->finish_all_gather();
   optimizer_->parameters_written();
 }
 

@@ -95,7 +95,8 @@ class Trainer {
   StepStats train_step();                            // one optimizer step (no logging)
   data::Batch next_batch();                          // the next step's batch (advances the loader)
   // Forward + backward of one step's batch in micro-batches: gradients accumulate into the
-  // parameters' grad() (averaged over the ranks under data parallelism); returns this rank's mean
+  // parameters' grad() (averaged over the ranks under data parallelism; under ZeRO-1 only this
+  // rank's slices are averaged, into the reducer's grad_shard()); returns this rank's mean
   // micro-batch loss. Does not step or zero the gradients.
   double forward_backward(const data::Batch& batch, int64_t step_for_hooks = 0);
   ValStats validate();                               // all ranks share the work

@@ -438,7 +438,10 @@ TEST(AdamWSharded, TwoShardsGiveTheUnshardedBits) {
       const double sharded_norm = clip_grad_norm_flat(
           shards[r], max_norm, [&](double) { return partial[0] + partial[1]; });
       EXPECT_NEAR(sharded_norm, norm, 1e-12 * norm);
-      ropt[r]->step(0.05, shards[r]);
+      std::vector<size_t> updated;  // the slices in the order after_slice saw them
+      ropt[r]->step(0.05, shards[r], [&](size_t k) { updated.push_back(k); });
+      ASSERT_EQ(updated.size(), ropt[r]->slices().size());
+      for (size_t k = 0; k < updated.size(); ++k) EXPECT_EQ(updated[k], k);
     }
     for (int r = 0; r < kShards; ++r)  // the all-gather
       for (const ShardSlice& sl : ropt[r]->slices())
