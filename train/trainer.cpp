@@ -267,7 +267,8 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   if (group_) log_line("data parallel: " + group_->summary() + "; " + reducer_->summary());
   s.str("");
   s << "optimizer state: " << optimizer_->state_bytes() << " bytes ("
-    << format_bytes(double(optimizer_->state_bytes())) << ") per rank, AdamW m and v"
+    << format_bytes(double(optimizer_->state_bytes())) << ")" << (world_ > 1 ? " per rank" : "")
+    << ", AdamW m and v"
     << (optimizer_->sharded() ? ", ZeRO-1: 1/" + std::to_string(world_) + " of them on each rank"
                               : std::string());
   log_line(s.str());

@@ -207,6 +207,11 @@ TEST(BatchSplit, EveryRankRunsWholeMicroBatches) {
   testing::expect_error([&] { t.check_world_size(3, "test.yaml"); },
                {"test.yaml", "train.global_batch_tokens", "x 3", "HINT", "global_batch_tokens=3072"});
   testing::expect_error([&] { t.check_world_size(16, "test.yaml"); }, {"HINT", "global_batch_tokens=8192"});
+  // ZeRO-1 shards over ranks: one rank has nothing to shard.
+  t.zero = 1;
+  t.check_world_size(2, "test.yaml");
+  testing::expect_error([&] { t.check_world_size(1, "test.yaml"); },
+                        {"test.yaml", "train.zero is 1", "one rank", "HINT: --set train.zero=0"});
 }
 
 }  // namespace
