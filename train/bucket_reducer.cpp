@@ -92,8 +92,9 @@ void BucketReducer::gather_to_root(const Tensor& shard, Tensor& full) {
 }
 
 std::string BucketReducer::bucket_name(size_t b) const {
-  return std::string(zero_ ? "the reduce-scatter" : "the all-reduce") + " of gradient bucket " + std::to_string(b + 1) + "/" +
-         std::to_string(plan_.buckets.size()) + " of step " + std::to_string(step_);
+  return std::string(zero_ ? "the reduce-scatter" : "the all-reduce") + " of gradient bucket " +
+         std::to_string(b + 1) + "/" + std::to_string(plan_.buckets.size()) + " of step " +
+         std::to_string(step_);
 }
 
 std::string BucketReducer::layout_summary() const {

@@ -1,8 +1,8 @@
 // Data-parallel training over NCCL (docs/distributed.md).
 //
 // One process per GPU ("rank"); every rank holds the whole model and the whole AdamW state
-// (plain data parallelism; ZeRO-1 below shards the AdamW moments) and reads its own rows of every global batch
-// (data/loader.h: rank r of W takes rows [r B/W, (r+1) B/W)). One optimizer step:
+// (plain data parallelism; ZeRO-1 below shards the AdamW moments) and reads its own rows of
+// every global batch (data/loader.h: rank r of W takes rows [r B/W, (r+1) B/W)). One step:
 //
 //   backward of micro-batches 1 .. n-1     gradients accumulate locally (no communication)
 //   backward of micro-batch n              each leaf's AccumulateGrad reports "final" through the
@@ -161,7 +161,7 @@ class GradReducer {
   // accumulation, averaged in grad_shard()).
   virtual FlatGrads& grads() = 0;
 
-  // ---- ZeRO-1 -------------------------------------------------------------------------------------
+  // ---- ZeRO-1 -----------------------------------------------------------------------------------
   // (total / W,) the averaged gradients of this rank's slices after finish(); undefined without
   // ZeRO-1.
   virtual Tensor& grad_shard() = 0;

@@ -44,10 +44,10 @@ struct ShardSlice {
 std::vector<ShardSlice> shard_slices(const BucketPlan& plan, int rank, int shards);
 
 // The gradients of `params` (contiguous tensors of one dtype on one device) as views of one flat
-// buffer laid out by plan_buckets(numels, bucket_elements, align): the data-parallel reducer all-reduces
-// it bucket by bucket, and single-process training uses it with one bucket. AdamW lays its flat
-// parameters out the same way (train/optim.h), so it reads this buffer as it is, and
-// clip_grad_norm_flat sees every gradient in one reduction. Every gradient is defined from the
+// buffer laid out by plan_buckets(numels, bucket_elements, align): the data-parallel reducer
+// all-reduces it bucket by bucket, and single-process training uses it with one bucket. AdamW
+// lays its flat parameters out the same way (train/optim.h), so it reads this buffer as it is,
+// and clip_grad_norm_flat sees every gradient in one reduction. Every gradient is defined from the
 // start (zeros): a parameter that gets no gradient in a step is updated with a zero gradient
 // (its moments decay), as under data parallelism.
 class FlatGrads {

@@ -184,7 +184,8 @@ class MpiGradReducer final : public BucketReducer {
   void start_bucket(size_t b) override {
     MPI_Request& request = start(bucket_name(b));
     if (zero())
-      MPI_CHECK(MPI_Ireduce_scatter_block(bucket_data(b), grad_shard().data<float>() + shard_offset(b),
+      MPI_CHECK(MPI_Ireduce_scatter_block(bucket_data(b),
+                                          grad_shard().data<float>() + shard_offset(b),
                                           int(slice_size(b)), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD,
                                           &request));
     else
@@ -204,9 +205,9 @@ class MpiGradReducer final : public BucketReducer {
 
   // Each rank's slice of bucket b of `flat` sits at bucket_begin(b) + rank x slice_size(b).
   void all_gather_bucket(float* flat, size_t b) override {
+    MPI_Request& request = start("the all-gather of parameter bucket " + std::to_string(b + 1));
     MPI_CHECK(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, flat + bucket_begin(b),
-                             int(slice_size(b)), MPI_FLOAT, MPI_COMM_WORLD,
-                             &start("the all-gather of parameter bucket " + std::to_string(b + 1))));
+                             int(slice_size(b)), MPI_FLOAT, MPI_COMM_WORLD, &request));
   }
 
   void finish_all_gather() override { wait_started(); }

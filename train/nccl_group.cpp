@@ -208,9 +208,10 @@ class NcclGradReducer final : public BucketReducer {
   }
 
   std::string summary() const override {
-    return layout_summary() + (zero() ? ", ZeRO-1: fp32 reduce-scatter (ncclAvg) overlapped with "
-                                        "the backward, all-gather of the parameters"
-                                      : ", fp32 all-reduce (ncclAvg), overlapped with the backward");
+    return layout_summary() +
+           (zero() ? ", ZeRO-1: fp32 reduce-scatter (ncclAvg) overlapped with the backward, "
+                     "all-gather of the parameters"
+                   : ", fp32 all-reduce (ncclAvg), overlapped with the backward");
   }
 
  private:
@@ -272,7 +273,8 @@ class NcclGradReducer final : public BucketReducer {
         NCCL_CHECK(ncclRecv(slices + r * n, n, ncclFloat32, r, group_.comm(), group_.stream()));
     }
     NCCL_CHECK(ncclGroupEnd());
-    group_.watchdog().watch(group_.stream(), "the gather of the optimizer moments for the checkpoint");
+    group_.watchdog().watch(group_.stream(),
+                            "the gather of the optimizer moments for the checkpoint");
     CUDA_CHECK(cudaStreamSynchronize(group_.stream()));
   }
 

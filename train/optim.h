@@ -130,7 +130,7 @@ class AdamW {
   // Index of the parameter named `name`; fails with a message when there is none.
   size_t index_of(const std::string& name) const;
 
-  // ---- sharding (ZeRO-1) -------------------------------------------------------------------------
+  // ---- sharding (ZeRO-1) ------------------------------------------------------------------------
   bool sharded() const { return shards_ > 1; }
   // Elements of each moment this process keeps: total / shards.
   int64_t shard_elements() const { return m_flat_.numel(); }
@@ -193,8 +193,8 @@ double clip_grad_norm(const std::vector<Tensor>& params, double max_norm);
 // The same over a flat gradient buffer (FlatGrads::buffer(): every gradient a view of it,
 // the padding between them zero): one Backend::sum_squares over the buffer and, when clipping, one
 // scale of it in place.
-// Sharded gradients (ZeRO-1: each rank holds the averaged gradients of its slices): `sum_over_ranks`
-// adds every rank's sum of squares (one all-reduce), so the norm is the whole model's.
+// Sharded gradients (ZeRO-1: each rank holds the averaged gradients of its slices):
+// `sum_over_ranks` adds every rank's sum of squares (one all-reduce): the whole model's norm.
 double clip_grad_norm_flat(Tensor& grads, double max_norm,
                            const std::function<double(double)>& sum_over_ranks = nullptr);
 

@@ -229,7 +229,8 @@ TEST_F(MpiRanks, ZeroOneCheckpointsResumeOnAnyRankCountWithOrWithoutZero) {
   // A plain checkpoint of 1 rank, resumed under ZeRO-1 on 2.
   train_run("one-then-zero", 1, "--set train.steps=4");
   resume_run("one-then-zero", 2, "--set train.zero=1");
-  for (const char* run : {"zero", "zero-then-one", "one-then-zero"}) expect_same_parameters(run, "one");
+  for (const char* run : {"zero", "zero-then-one", "one-then-zero"})
+    expect_same_parameters(run, "one");
 }
 
 TEST_F(MpiRanks, ImpossibleZeroSettingsAreRefused) {

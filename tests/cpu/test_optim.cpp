@@ -387,12 +387,12 @@ TEST(ClipGradNormFlat, MatchesPerTensorClipping) {
   EXPECT_EQ(clip_grad_norm_flat(fg.buffer(), 0.0), 0.0);
 }
 
-// ---- sharded (ZeRO-1) ------------------------------------------------------------------------------
+// ---- sharded (ZeRO-1) ---------------------------------------------------------------------------
 
 // The two ranks of ZeRO-1 in one process: each optimizer updates its slices from its shard of the
-// gradients, then each receives the other's slices (what the all-gather does). The parameters, their
-// bf16 copies and the moments (gathered as for a checkpoint) have the unsharded optimizer's bits;
-// the clipping norm from the two partial sums of squares is the whole buffer's.
+// gradients, then each receives the other's slices (what the all-gather does). The parameters,
+// their bf16 copies and the moments (gathered as for a checkpoint) have the unsharded optimizer's
+// bits; the clipping norm from the two partial sums of squares is the whole buffer's.
 TEST(AdamWSharded, TwoShardsGiveTheUnshardedBits) {
   constexpr int kShards = 2;
   constexpr int64_t kBucket = 256;  // elements: several buckets over odd_params
