@@ -19,13 +19,19 @@ const std::vector<Tensor>& checked_params(const std::vector<Tensor>& params, Dev
 }  // namespace
 
 BucketReducer::BucketReducer(const std::vector<Tensor>& params, Device device,
-                             int64_t bucket_bytes)
-    : grads_(checked_params(params, device),
-             std::max<int64_t>(1, bucket_bytes / int64_t(sizeof(float)))),
+                             int64_t bucket_elements, int rank, int world, bool zero)
+    : rank_(rank),
+      world_(world),
+      zero_(zero),
+      grads_(checked_params(params, device), bucket_elements, flat_align(zero ? world : 1)),
       plan_(grads_.plan()),
-      bucket_mib_(double(bucket_bytes) / double(1 << 20)) {
+      bucket_mib_(double(bucket_elements) * sizeof(float) / double(1 << 20)) {
   for (size_t i = 0; i < params.size(); ++i) index_[params[i].impl()] = i;
   waiting_.assign(plan_.buckets.size(), 0);
+  if (zero_) {
+    slices_ = shard_slices(plan_, rank_, world_);
+    shard_ = Tensor::zeros({plan_.total / world_}, DType::F32, device);  // (total / world,)
+  }
 }
 
 void BucketReducer::begin(int64_t step) {
@@ -66,9 +72,29 @@ int64_t BucketReducer::bucket_size(size_t b) const {
   return plan_.buckets[b].end - plan_.buckets[b].begin;
 }
 
+void BucketReducer::start_all_gather(Tensor& flat, size_t b) {
+  NHA_CHECK(zero_) << "internal: start_all_gather without ZeRO-1";
+  NHA_CHECK(flat.dtype() == DType::F32 && flat.numel() == plan_.total && flat.is_contiguous() &&
+            b < plan_.buckets.size())
+      << "internal: all-gather of bucket " << b << " of " << flat.str() << ", expected f32 ("
+      << plan_.total << ",) in " << plan_.buckets.size() << " buckets";
+  all_gather_bucket(flat.data<float>(), b);
+}
+
+void BucketReducer::gather_to_root(const Tensor& shard, Tensor& full) {
+  NHA_CHECK(zero_) << "internal: gather_to_root without ZeRO-1";
+  NHA_CHECK(shard.dtype() == DType::F32 && shard.numel() == shard_.numel() &&
+            shard.is_contiguous() && (rank_ == 0) == full.defined() &&
+            (!full.defined() || (full.dtype() == DType::F32 && full.numel() == plan_.total)))
+      << "internal: gather_to_root of " << shard.str() << " into "
+      << (full.defined() ? full.str() : "nothing") << " on rank " << rank_;
+  gather_buckets(shard.data<float>(), full.defined() ? full.data<float>() : nullptr);
+}
+
 std::string BucketReducer::bucket_name(size_t b) const {
-  return "the all-reduce of gradient bucket " + std::to_string(b + 1) + "/" +
-         std::to_string(plan_.buckets.size()) + " of step " + std::to_string(step_);
+  return std::string(zero_ ? "the reduce-scatter" : "the all-reduce") + " of gradient bucket " +
+         std::to_string(b + 1) + "/" + std::to_string(plan_.buckets.size()) + " of step " +
+         std::to_string(step_);
 }
 
 std::string BucketReducer::layout_summary() const {

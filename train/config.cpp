@@ -143,6 +143,7 @@ void train_keys(Visitor& v, Train& t) {
   v.value("dist_timeout_s", t.dist_timeout_s);
   v.value("dist_bucket_mb", t.dist_bucket_mb);
   v.value("init_from", t.init_from);
+  v.value("zero", t.zero);
 }
 
 template <typename Visitor, typename Data>
@@ -332,6 +333,10 @@ void TrainConfig::check_world_size(int64_t world_size, const std::string& source
       << " = " << unit << ") so that every rank runs the same number of whole micro-batches. HINT: "
       << "--set train.global_batch_tokens=" << std::max<int64_t>(unit, global_batch_tokens / unit * unit)
       << " or a smaller train.micro_batch";
+  NHA_CHECK(zero == 0 || world_size > 1)
+      << source << ": train.zero is " << zero << " but the run has one rank: ZeRO-1 shards the "
+      << "optimizer state across data-parallel ranks. HINT: --set train.zero=0 on one process, or "
+      << "train with --ranks N (--gpus N) for N >= 2";
 }
 
 int64_t TrainConfig::total_steps() const {
@@ -433,6 +438,10 @@ void RunConfig::validate() const {
   NHA_CHECK(t.dist_bucket_mb > 0 && t.dist_bucket_mb <= 1 << 20)
       << source << ": train.dist_bucket_mb must be in (0, 2^20], got " << t.dist_bucket_mb
       << ". HINT: 25 (PyTorch DDP's default) overlaps well";
+  NHA_CHECK(t.zero == 0 || t.zero == 1)
+      << source << ": train.zero is " << t.zero << ". HINT: 0 (every rank keeps the whole "
+      << "optimizer state) or 1 (ZeRO-1: AdamW moments sharded across the ranks); ZeRO-2/3 are "
+      << "not implemented";
   NHA_CHECK(t.precision == "auto" || t.precision == "bf16" || t.precision == "fp32")
       << source << ": train.precision is '" << t.precision << "'. HINT: use auto, bf16 or fp32";
   if (t.device != "auto") (void)Device::parse(t.device);

@@ -43,11 +43,14 @@ struct TrainConfig {
   // A fresh run's starting parameters: an export file or checkpoint of the same architecture
   // (nha export / import / convert); "" draws them from `seed`. --resume ignores it.
   std::string init_from;
+  // 1: ZeRO-1, the AdamW moments sharded over the ranks (needs 2 or more ranks); 0: replicated.
+  int64_t zero = 0;
 
   int64_t tokens_per_micro_step() const { return micro_batch * seq_len; }
   int64_t accumulation_steps(int64_t world_size) const;
   // Refuses a global batch that `world_size` data-parallel ranks cannot split into whole
-  // micro-batches (names `source` and gives the nearest batch sizes that work).
+  // micro-batches (names `source` and gives the nearest batch sizes that work), and ZeRO-1 on one
+  // rank (nothing to shard).
   void check_world_size(int64_t world_size, const std::string& source) const;
   int64_t total_steps() const;
 };

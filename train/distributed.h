@@ -1,8 +1,8 @@
 // Data-parallel training over NCCL (docs/distributed.md).
 //
 // One process per GPU ("rank"); every rank holds the whole model and the whole AdamW state
-// (plain data parallelism, no sharding) and reads its own rows of every global batch
-// (data/loader.h: rank r of W takes rows [r B/W, (r+1) B/W)). One optimizer step:
+// (plain data parallelism; ZeRO-1 below shards the AdamW moments) and reads its own rows of
+// every global batch (data/loader.h: rank r of W takes rows [r B/W, (r+1) B/W)). One step:
 //
 //   backward of micro-batches 1 .. n-1     gradients accumulate locally (no communication)
 //   backward of micro-batch n              each leaf's AccumulateGrad reports "final" through the
@@ -13,6 +13,10 @@
 //   finish()                               the compute stream waits for every bucket
 //   loss, stop flag                        one small all-reduce: the guard and Ctrl-C decide alike
 //   clip, guard, AdamW                     identical on every rank (identical averaged gradients)
+// ZeRO-1 (train.zero = 1) replaces the all-reduce by a reduce-scatter (rank r receives the average
+// of slice r of every bucket), each rank clips with the whole model's norm (one all-reduce of the
+// sums of squares), updates its slices with its shard of the AdamW moments, and an all-gather of
+// the parameters makes them whole again on every rank.
 //
 // Gradients are views of one flat fp32 buffer laid out bucket by bucket (FlatGrads,
 // train/flat_grads.h), so the
@@ -114,9 +118,10 @@ class ProcessGroup {
   virtual void barrier(const std::string& what) = 0;
 
   // Takes over the gradients of `params` (fp32 tensors on device()): from now on each grad() is a
-  // view of the reducer's flat buffer (see the top of this file).
+  // view of the reducer's flat buffer (see the top of this file), in buckets of at most
+  // bucket_elements. zero: ZeRO-1, the buckets are reduce-scattered (see GradReducer).
   virtual std::unique_ptr<GradReducer> grad_reducer(const std::vector<Tensor>& params,
-                                                    int64_t bucket_bytes) = 0;
+                                                    int64_t bucket_elements, bool zero) = 0;
 };
 
 // Joins the job described by `launch` (launch.distributed() must hold) with the communicator of
@@ -133,6 +138,12 @@ std::unique_ptr<ProcessGroup> join_nccl_group(const LaunchInfo& launch, double t
 std::unique_ptr<ProcessGroup> join_mpi_group(const LaunchInfo& launch, double timeout_s);
 
 // Averages the gradients over the ranks, bucket by bucket, during the last backward of a step.
+// ZeRO-1 (zero = true): every bucket of W * c elements is cut into W slices of c, slice r belongs
+// to rank r, and a bucket is reduce-scattered: rank r receives the average of its slice only, into
+// grad_shard() at the slice's shard_offset (shard_slices, train/flat_grads.h). The flat layout is
+// then aligned to flat_align(W), so that the slices are equal. As the update writes this rank's
+// slice of each bucket of the parameters, start_all_gather() sends it to the other ranks (the
+// all-gather of bucket b overlaps the update of the next slices).
 class GradReducer {
  public:
   virtual ~GradReducer() = default;
@@ -146,8 +157,23 @@ class GradReducer {
   virtual void finish() = 0;
   // Zeroes the flat buffer (the next step accumulates into it); replaces AdamW::zero_grad.
   virtual void zero_grad() = 0;
-  // The gradients it reduces (for clip_grad_norm_flat).
+  // The gradients it reduces (for clip_grad_norm_flat; under ZeRO-1 only this rank's
+  // accumulation, averaged in grad_shard()).
   virtual FlatGrads& grads() = 0;
+
+  // ---- ZeRO-1 -----------------------------------------------------------------------------------
+  // (total / W,) the averaged gradients of this rank's slices after finish(); undefined without
+  // ZeRO-1.
+  virtual Tensor& grad_shard() = 0;
+  // `flat` (total,) laid out like the gradients (the parameters): once this rank's slice of bucket
+  // b is written (on a GPU: queued on the compute stream), starts giving every rank every rank's
+  // slice of bucket b. Buckets in order 0, 1, ... on every rank.
+  virtual void start_all_gather(Tensor& flat, size_t b) = 0;
+  // Returns when every started all-gather is done (on a GPU: makes the compute stream wait).
+  virtual void finish_all_gather() = 0;
+  // `shard` (total / W,) of every rank into `full` (total,) on rank 0 (the others pass an
+  // undefined `full`): the moments for an unsharded checkpoint. Blocks until done.
+  virtual void gather_to_root(const Tensor& shard, Tensor& full) = 0;
   virtual std::string summary() const = 0;  // "9 buckets of <= 25 MiB over 124.3M gradients"
 };
 

@@ -31,7 +31,25 @@ BucketPlan plan_buckets(const std::vector<int64_t>& numels, int64_t bucket_eleme
   return plan;
 }
 
-FlatGrads::FlatGrads(const std::vector<Tensor>& params, int64_t bucket_elements)
+int64_t flat_align(int shards) { return 64 * int64_t(shards); }
+
+std::vector<ShardSlice> shard_slices(const BucketPlan& plan, int rank, int shards) {
+  NHA_CHECK(shards >= 1 && rank >= 0 && rank < shards)
+      << "shard_slices: rank " << rank << " of " << shards;
+  std::vector<ShardSlice> slices;
+  int64_t shard_offset = 0;
+  for (const GradBucket& b : plan.buckets) {
+    const int64_t size = b.end - b.begin;
+    NHA_CHECK(size % shards == 0) << "internal: a bucket of " << size << " elements does not split "
+                                  << "into " << shards << " equal slices";
+    const int64_t slice = size / shards;
+    slices.push_back({b.begin + rank * slice, slice, shard_offset});
+    shard_offset += slice;
+  }
+  return slices;
+}
+
+FlatGrads::FlatGrads(const std::vector<Tensor>& params, int64_t bucket_elements, int64_t align)
     : params_(params) {
   std::vector<int64_t> numels;
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -43,7 +61,7 @@ FlatGrads::FlatGrads(const std::vector<Tensor>& params, int64_t bucket_elements)
         << params_[0].str() << ")";
     numels.push_back(p.numel());
   }
-  plan_ = plan_buckets(numels, bucket_elements);
+  plan_ = plan_buckets(numels, bucket_elements, align);
   const DType dtype = params_.empty() ? DType::F32 : params_[0].dtype();
   const Device device = params_.empty() ? Device::cpu() : params_[0].device();
   flat_ = Tensor::zeros({plan_.total}, dtype, device);  // (total,)

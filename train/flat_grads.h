@@ -28,16 +28,31 @@ struct BucketPlan {
 BucketPlan plan_buckets(const std::vector<int64_t>& numels, int64_t bucket_elements,
                         int64_t align = 64);
 
+// The alignment (elements) of every offset of the flat layout when ZeRO-1 splits each bucket into
+// `shards` equal slices (1: no sharding): 64 x shards, so that every bucket, whose ends are
+// offsets, splits into slices of whole multiples of 64 elements.
+int64_t flat_align(int shards);
+
+// One slice of a bucket that a rank owns under ZeRO-1: flat elements [begin, begin + size), kept
+// compactly at [shard_offset, shard_offset + size) of the rank's shard buffers.
+struct ShardSlice {
+  int64_t begin = 0, size = 0, shard_offset = 0;
+};
+// Slice `rank` of every bucket of `plan` split into `shards` equal parts (each bucket's size must
+// be a multiple of shards: plan_buckets with align flat_align(shards)), in bucket order. With one
+// shard: the buckets themselves.
+std::vector<ShardSlice> shard_slices(const BucketPlan& plan, int rank, int shards);
+
 // The gradients of `params` (contiguous tensors of one dtype on one device) as views of one flat
-// buffer laid out by plan_buckets(numels, bucket_elements): the data-parallel reducer all-reduces
-// it bucket by bucket, and single-process training uses it with one bucket. AdamW lays its flat
-// parameters out the same way (train/optim.h), so it reads this buffer as it is, and
-// clip_grad_norm_flat sees every gradient in one reduction. Every gradient is defined from the
+// buffer laid out by plan_buckets(numels, bucket_elements, align): the data-parallel reducer
+// all-reduces it bucket by bucket, and single-process training uses it with one bucket. AdamW
+// lays its flat parameters out the same way (train/optim.h), so it reads this buffer as it is,
+// and clip_grad_norm_flat sees every gradient in one reduction. Every gradient is defined from the
 // start (zeros): a parameter that gets no gradient in a step is updated with a zero gradient
 // (its moments decay), as under data parallelism.
 class FlatGrads {
  public:
-  FlatGrads(const std::vector<Tensor>& params, int64_t bucket_elements);
+  FlatGrads(const std::vector<Tensor>& params, int64_t bucket_elements, int64_t align = 64);
   // Zeroes the buffer (padding included) and makes every grad() its view again; the next
   // backward accumulates into it.
   void zero_grad();

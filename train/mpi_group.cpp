@@ -6,6 +6,9 @@
 //                     the last backward of a step (how much it overlaps depends on the MPI
 //                     library's progress); finish() waits for all and scales by 1/world
 //   host values       MPI_Allreduce(MPI_SUM) of doubles (loss, stop flag)
+//   ZeRO-1            MPI_Ireduce_scatter_block per bucket instead (then 1/world on the shard),
+//                     MPI_Iallgather in place of the updated parameters, MPI_Igather of the moments
+//                     to rank 0 for a checkpoint
 // Sums of 2 ranks are exact to reorder (a + b == b + a), and a scale by 1/2 is exact: 2 ranks give
 // the same bits as 1 rank accumulating the same 2 micro-batches (tests/cpu/test_distributed_mpi.cpp).
 // A watchdog thread ends the rank when a blocking MPI call is still waiting after
@@ -15,6 +18,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <algorithm>
 #include <condition_variable>
 #include <cstdio>
 #include <mutex>
@@ -143,7 +147,7 @@ class MpiGroup final : public ProcessGroup {
   }
 
   std::unique_ptr<GradReducer> grad_reducer(const std::vector<Tensor>& params,
-                                            int64_t bucket_bytes) override;
+                                            int64_t bucket_elements, bool zero) override;
 
   HostWatchdog& watchdog() { return *watchdog_; }
 
@@ -154,12 +158,16 @@ class MpiGroup final : public ProcessGroup {
   std::unique_ptr<HostWatchdog> watchdog_;
 };
 
-// Each bucket summed in place by MPI_Iallreduce as soon as it is final; finish() waits for all of
-// them and scales the buffer by 1/world (the average).
+// Each bucket summed in place by MPI_Iallreduce (ZeRO-1: this rank's slice summed into the shard by
+// MPI_Ireduce_scatter_block) as soon as it is final; finish() waits for all of them and scales the
+// sums by 1/world (the average).
 class MpiGradReducer final : public BucketReducer {
  public:
-  MpiGradReducer(MpiGroup& group, const std::vector<Tensor>& params, int64_t bucket_bytes)
-      : BucketReducer(params, Device::cpu(), bucket_bytes), group_(group) {
+  MpiGradReducer(MpiGroup& group, const std::vector<Tensor>& params, int64_t bucket_elements,
+                 bool zero)
+      : BucketReducer(params, Device::cpu(), bucket_elements, group.rank(), group.world_size(),
+                      zero),
+        group_(group) {
     for (size_t b = 0; b < num_buckets(); ++b)
       NHA_CHECK(bucket_size(b) <= int64_t(INT32_MAX))
           << "a gradient bucket of " << bucket_size(b) << " floats exceeds MPI's int count. "
@@ -167,40 +175,87 @@ class MpiGradReducer final : public BucketReducer {
   }
 
   std::string summary() const override {
-    return layout_summary() + ", fp32 all-reduce (MPI_Iallreduce sum, then 1/world)";
+    return layout_summary() + (zero() ? ", ZeRO-1: fp32 reduce-scatter (MPI_Ireduce_scatter_block "
+                                        "sum, then 1/world) and all-gather of the parameters"
+                                      : ", fp32 all-reduce (MPI_Iallreduce sum, then 1/world)");
   }
 
  private:
   void start_bucket(size_t b) override {
-    requests_.push_back(MPI_REQUEST_NULL);
-    names_.push_back(bucket_name(b));
-    MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, bucket_data(b), int(bucket_size(b)), MPI_FLOAT,
-                             MPI_SUM, MPI_COMM_WORLD, &requests_.back()));
+    MPI_Request& request = start(bucket_name(b));
+    if (zero())
+      MPI_CHECK(MPI_Ireduce_scatter_block(bucket_data(b),
+                                          grad_shard().data<float>() + shard_offset(b),
+                                          int(slice_size(b)), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD,
+                                          &request));
+    else
+      MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, bucket_data(b), int(bucket_size(b)), MPI_FLOAT,
+                               MPI_SUM, MPI_COMM_WORLD, &request));
   }
 
   void wait_all() override {
+    wait_started();
+    Tensor& sums = zero() ? grad_shard() : grads().buffer();  // (total / world,) or (total,) f32
+    const float inv = 1.0f / float(group_.world_size());
+    float* g = sums.data<float>();
+    const int64_t n = sums.numel();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) g[i] *= inv;
+  }
+
+  // Each rank's slice of bucket b of `flat` sits at bucket_begin(b) + rank x slice_size(b).
+  void all_gather_bucket(float* flat, size_t b) override {
+    MPI_Request& request = start("the all-gather of parameter bucket " + std::to_string(b + 1));
+    MPI_CHECK(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, flat + bucket_begin(b),
+                             int(slice_size(b)), MPI_FLOAT, MPI_COMM_WORLD, &request));
+  }
+
+  void finish_all_gather() override { wait_started(); }
+
+  // Rank 0 receives into `full` in place: its own slice is copied there first.
+  void gather_buckets(const float* shard, float* full) override {
+    for (size_t b = 0; b < num_buckets(); ++b) {
+      const float* mine = shard + shard_offset(b);  // (slice_size(b),)
+      MPI_Request& request = start("the gather of optimizer bucket " + std::to_string(b + 1) +
+                                   " for the checkpoint");
+      if (rank() == 0) {
+        float* slices = full + bucket_begin(b);  // (world x slice_size(b),)
+        std::copy(mine, mine + slice_size(b), slices);
+        MPI_CHECK(MPI_Igather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, slices, int(slice_size(b)),
+                              MPI_FLOAT, 0, MPI_COMM_WORLD, &request));
+      } else {
+        MPI_CHECK(MPI_Igather(mine, int(slice_size(b)), MPI_FLOAT, nullptr, 0, MPI_DATATYPE_NULL, 0,
+                              MPI_COMM_WORLD, &request));
+      }
+    }
+    wait_started();
+  }
+
+  // A new request, named for the watchdog.
+  MPI_Request& start(std::string name) {
+    names_.push_back(std::move(name));
+    requests_.push_back(MPI_REQUEST_NULL);
+    return requests_.back();
+  }
+
+  // Waits for every started request under the watchdog.
+  void wait_started() {
     for (size_t r = 0; r < requests_.size(); ++r) {
       HostWatchdog::Call call(group_.watchdog(), names_[r]);
       MPI_CHECK(MPI_Wait(&requests_[r], MPI_STATUS_IGNORE));
     }
     requests_.clear();
     names_.clear();
-    Tensor& flat = grads().buffer();  // (total,) f32 on the CPU
-    const float inv = 1.0f / float(group_.world_size());
-    float* g = flat.data<float>();
-    const int64_t n = flat.numel();
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) g[i] *= inv;
   }
 
   MpiGroup& group_;
-  std::vector<MPI_Request> requests_;  // the buckets started in this step, in order
-  std::vector<std::string> names_;     // their names for the watchdog
+  std::vector<MPI_Request> requests_;  // the collectives started and not yet waited for, in order
+  std::vector<std::string> names_;    // their names for the watchdog
 };
 
 std::unique_ptr<GradReducer> MpiGroup::grad_reducer(const std::vector<Tensor>& params,
-                                                    int64_t bucket_bytes) {
-  return std::make_unique<MpiGradReducer>(*this, params, bucket_bytes);
+                                                    int64_t bucket_elements, bool zero) {
+  return std::make_unique<MpiGradReducer>(*this, params, bucket_elements, zero);
 }
 
 }  // namespace

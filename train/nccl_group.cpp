@@ -169,7 +169,7 @@ class NcclGroup final : public ProcessGroup {
   void barrier(const std::string& what) override { all_reduce_sum({0.0}, what); }
 
   std::unique_ptr<GradReducer> grad_reducer(const std::vector<Tensor>& params,
-                                            int64_t bucket_bytes) override;
+                                            int64_t bucket_elements, bool zero) override;
 
   ncclComm_t comm() const { return comm_; }
   cudaStream_t stream() const { return stream_; }
@@ -186,12 +186,17 @@ class NcclGroup final : public ProcessGroup {
   std::unique_ptr<Watchdog> watchdog_;
 };
 
-// Each bucket averaged by ncclAllReduce(ncclAvg) on the communication stream, once the compute
-// stream has produced its gradients; finish() makes the compute stream wait for the last one.
+// Each bucket averaged by ncclAllReduce(ncclAvg) (ZeRO-1: this rank's slice by ncclReduceScatter
+// into the shard) on the communication stream, once the compute stream has produced its gradients;
+// finish() makes the compute stream wait for the last one. The ZeRO-1 paths (reduce-scatter,
+// all-gather, gather) compile but have not yet run on a GPU (docs/distributed.md).
 class NcclGradReducer final : public BucketReducer {
  public:
-  NcclGradReducer(NcclGroup& group, const std::vector<Tensor>& params, int64_t bucket_bytes)
-      : BucketReducer(params, group.device(), bucket_bytes), group_(group) {
+  NcclGradReducer(NcclGroup& group, const std::vector<Tensor>& params, int64_t bucket_elements,
+                  bool zero)
+      : BucketReducer(params, group.device(), bucket_elements, group.rank(), group.world_size(),
+                      zero),
+        group_(group) {
     cuda::DeviceGuard guard(group_.device().index);
     CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
@@ -203,35 +208,96 @@ class NcclGradReducer final : public BucketReducer {
   }
 
   std::string summary() const override {
-    return layout_summary() + ", fp32 all-reduce (ncclAvg), overlapped with the backward";
+    return layout_summary() +
+           (zero() ? ", ZeRO-1: fp32 reduce-scatter (ncclAvg) overlapped with the backward, "
+                     "all-gather of the parameters"
+                   : ", fp32 all-reduce (ncclAvg), overlapped with the backward");
   }
 
  private:
   void start_bucket(size_t b) override {
-    const int device = group_.device().index;
-    cuda::DeviceGuard guard(device);
-    CUDA_CHECK(cudaEventRecord(ready_, cuda::current_stream(device)));
-    CUDA_CHECK(cudaStreamWaitEvent(group_.stream(), ready_, 0));
+    cuda::DeviceGuard guard(group_.device().index);
+    communication_waits_for_compute();
     float* base = bucket_data(b);  // (bucket_size(b),)
-    NCCL_CHECK(ncclAllReduce(base, base, size_t(bucket_size(b)), ncclFloat32, ncclAvg,
-                             group_.comm(), group_.stream()));
+    if (zero())
+      NCCL_CHECK(ncclReduceScatter(base, grad_shard().data<float>() + shard_offset(b),
+                                   size_t(slice_size(b)), ncclFloat32, ncclAvg, group_.comm(),
+                                   group_.stream()));
+    else
+      NCCL_CHECK(ncclAllReduce(base, base, size_t(bucket_size(b)), ncclFloat32, ncclAvg,
+                               group_.comm(), group_.stream()));
     group_.watchdog().watch(group_.stream(), bucket_name(b));
   }
 
   void wait_all() override {
     cuda::DeviceGuard guard(group_.device().index);
+    compute_waits_for_communication();
+  }
+
+  // In place: each rank's slice of bucket b sits at bucket_begin(b) + rank x slice_size(b).
+  void all_gather_bucket(float* flat, size_t b) override {
+    cuda::DeviceGuard guard(group_.device().index);
+    communication_waits_for_compute();
+    float* bucket = flat + bucket_begin(b);  // (world x slice_size(b),)
+    NCCL_CHECK(ncclAllGather(bucket + rank() * slice_size(b), bucket, size_t(slice_size(b)),
+                             ncclFloat32, group_.comm(), group_.stream()));
+    group_.watchdog().watch(group_.stream(),
+                            "the all-gather of parameter bucket " + std::to_string(b + 1));
+  }
+
+  void finish_all_gather() override {
+    cuda::DeviceGuard guard(group_.device().index);
+    compute_waits_for_communication();
+  }
+
+  // NCCL has no gather: rank 0 receives every other rank's slices (grouped point-to-point), its
+  // own it copies.
+  void gather_buckets(const float* shard, float* full) override {
+    cuda::DeviceGuard guard(group_.device().index);
+    communication_waits_for_compute();
+    if (rank() == 0)
+      for (size_t b = 0; b < num_buckets(); ++b)
+        CUDA_CHECK(cudaMemcpyAsync(full + bucket_begin(b), shard + shard_offset(b),
+                                   size_t(slice_size(b)) * sizeof(float), cudaMemcpyDeviceToDevice,
+                                   group_.stream()));
+    NCCL_CHECK(ncclGroupStart());
+    for (size_t b = 0; b < num_buckets(); ++b) {
+      const size_t n = size_t(slice_size(b));
+      if (rank() != 0) {
+        NCCL_CHECK(ncclSend(shard + shard_offset(b), n, ncclFloat32, 0, group_.comm(),
+                            group_.stream()));
+        continue;
+      }
+      float* slices = full + bucket_begin(b);  // (world x slice_size(b),)
+      for (int r = 1; r < world(); ++r)
+        NCCL_CHECK(ncclRecv(slices + r * n, n, ncclFloat32, r, group_.comm(), group_.stream()));
+    }
+    NCCL_CHECK(ncclGroupEnd());
+    group_.watchdog().watch(group_.stream(),
+                            "the gather of the optimizer moments for the checkpoint");
+    CUDA_CHECK(cudaStreamSynchronize(group_.stream()));
+  }
+
+  // The communication stream starts after the compute stream's work so far.
+  void communication_waits_for_compute() {
+    CUDA_CHECK(cudaEventRecord(ready_, cuda::current_stream(group_.device().index)));
+    CUDA_CHECK(cudaStreamWaitEvent(group_.stream(), ready_, 0));
+  }
+
+  // The compute stream goes on after the communication stream's work so far.
+  void compute_waits_for_communication() {
     CUDA_CHECK(cudaEventRecord(done_, group_.stream()));
     CUDA_CHECK(cudaStreamWaitEvent(cuda::current_stream(group_.device().index), done_, 0));
   }
 
   NcclGroup& group_;
-  cudaEvent_t ready_ = nullptr;  // compute stream -> communication stream, reused per bucket
-  cudaEvent_t done_ = nullptr;   // communication stream -> compute stream, after the last bucket
+  cudaEvent_t ready_ = nullptr;  // compute stream -> communication stream, reused
+  cudaEvent_t done_ = nullptr;   // communication stream -> compute stream, reused
 };
 
 std::unique_ptr<GradReducer> NcclGroup::grad_reducer(const std::vector<Tensor>& params,
-                                                     int64_t bucket_bytes) {
-  return std::make_unique<NcclGradReducer>(*this, params, bucket_bytes);
+                                                     int64_t bucket_elements, bool zero) {
+  return std::make_unique<NcclGradReducer>(*this, params, bucket_elements, zero);
 }
 
 }  // namespace

@@ -194,17 +194,22 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   std::vector<ParamEntry> entries;
   for (const NamedParameter& p : params_)
     entries.push_back({p.name, p.tensor, p.kind == ParamKind::Weight || t.decay_norms_and_embeddings});
-  // bf16 autocast: AdamW keeps the bf16 copy of the weights that the forward passes use.
-  optimizer_ = std::make_unique<AdamW>(
-      entries, AdamWOptions{t.lr, t.beta1, t.beta2, t.eps, t.weight_decay}, compute_dtype_);
   // Gradients are views of one flat buffer laid out like the optimizer's parameters: AdamW reads
   // it as it is and clipping is one reduction over it. Data parallel: the reducer's buckets; one
   // process: a single bucket.
+  const int64_t bucket_elements =
+      std::max<int64_t>(1, int64_t(t.dist_bucket_mb * (1 << 20)) / int64_t(sizeof(float)));
+  const bool zero = t.zero == 1;  // setup_data refused ZeRO-1 on one rank
   if (group_)
-    reducer_ = group_->grad_reducer(param_tensors_, int64_t(t.dist_bucket_mb * (1 << 20)));
+    reducer_ = group_->grad_reducer(param_tensors_, bucket_elements, zero);
   else
     flat_grads_ = std::make_unique<FlatGrads>(param_tensors_,
                                                     std::numeric_limits<int64_t>::max());
+  // bf16 autocast: AdamW keeps the bf16 copy of the weights that the forward passes use. ZeRO-1:
+  // it keeps the moments of this rank's slices of the reducer's buckets.
+  optimizer_ = std::make_unique<AdamW>(
+      entries, AdamWOptions{t.lr, t.beta1, t.beta2, t.eps, t.weight_decay}, compute_dtype_,
+      zero ? OptimizerShard{rank_, world_, bucket_elements} : OptimizerShard{});
 
   // Resume or start fresh.
   if (rank_ == 0)
@@ -261,6 +266,13 @@ Trainer::Trainer(RunConfig config, TrainerOptions options)
   if (step_ > 0) s << "; resumed at step " << step_ << " (" << format_count(double(tokens_seen_)) << " tokens)";
   log_line(s.str());
   if (group_) log_line("data parallel: " + group_->summary() + "; " + reducer_->summary());
+  s.str("");
+  s << "optimizer state: " << optimizer_->state_bytes() << " bytes ("
+    << format_bytes(double(optimizer_->state_bytes())) << ")" << (world_ > 1 ? " per rank" : "")
+    << ", AdamW m and v"
+    << (optimizer_->sharded() ? ", ZeRO-1: 1/" + std::to_string(world_) + " of them on each rank"
+                              : std::string());
+  log_line(s.str());
 }
 
 Trainer::~Trainer() = default;
@@ -411,8 +423,7 @@ StepStats Trainer::train_step() {
     st.loss = r[0] / double(world_);
     agreed_stop_ = r[1] > 0;
   }
-  st.grad_norm = clip_grad_norm_flat(reducer_ ? reducer_->grads().buffer() : flat_grads_->buffer(),
-                                     t.grad_clip);
+  st.grad_norm = clip_gradients();
 
   constexpr double kEmaBeta = 0.99;
   const double ema = loss_ema_count_ > 0
@@ -432,7 +443,7 @@ StepStats Trainer::train_step() {
   if (st.skipped) {
     ++bad_in_row_;
   } else {
-    optimizer_->step(st.lr);
+    update_parameters(st.lr);
     bad_in_row_ = 0;
     loss_ema_ = kEmaBeta * loss_ema_ + (1 - kEmaBeta) * st.loss;
     ++loss_ema_count_;
@@ -442,6 +453,37 @@ StepStats Trainer::train_step() {
   tokens_seen_ += t.global_batch_tokens;  // all ranks
   st.seconds = monotonic_seconds() - t0;
   return st;
+}
+
+double Trainer::clip_gradients() {
+  const double max_norm = config_.train.grad_clip;
+  if (!optimizer_->sharded())
+    return clip_grad_norm_flat(reducer_ ? reducer_->grads().buffer() : flat_grads_->buffer(),
+                               max_norm);
+  return clip_grad_norm_flat(reducer_->grad_shard(), max_norm, [&](double sum_squares) {
+    return group_->all_reduce_sum({sum_squares}, "the gradient norm all-reduce of step " +
+                                                     std::to_string(step_))[0];
+  });
+}
+
+void Trainer::update_parameters(double lr) {
+  if (!optimizer_->sharded()) {
+    optimizer_->step(lr);
+    return;
+  }
+  // The all-gather of each bucket starts as soon as this rank's slice of it is updated.
+  Tensor& flat = optimizer_->flat_parameters();
+  optimizer_->step(lr, reducer_->grad_shard(),
+                   [&](size_t bucket) { reducer_->start_all_gather(flat, bucket); });
+  reducer_->finish_all_gather();
+  optimizer_->parameters_written();
+}
+
+void Trainer::gather_moments_to_rank0() {
+  if (rank_ == 0) optimizer_->allocate_full_moments();
+  Tensor none;  // the other ranks receive nothing
+  reducer_->gather_to_root(optimizer_->m_shard(), rank_ == 0 ? optimizer_->full_m() : none);
+  reducer_->gather_to_root(optimizer_->v_shard(), rank_ == 0 ? optimizer_->full_v() : none);
 }
 
 void Trainer::zero_grad() {
@@ -524,10 +566,13 @@ TrainState Trainer::state() const {
 std::string Trainer::save_checkpoint() {
   const double t0 = monotonic_seconds();
   const std::string path = checkpoint_path(config_.checkpoint.dir, step_);
-  // Every rank holds the whole, identical state (plain data parallelism): rank 0's file is the
-  // complete checkpoint, resumable on any number of GPUs.
+  // Every rank holds the whole, identical state (plain data parallelism; under ZeRO-1 once rank 0
+  // has gathered the moments): rank 0's file is the complete checkpoint, resumable on any number
+  // of ranks, with or without ZeRO-1.
+  if (optimizer_->sharded()) gather_moments_to_rank0();
   if (rank_ == 0) {
     nha::save_checkpoint(path, params_, optimizer_.get(), state());
+    if (optimizer_->sharded()) optimizer_->release_full_moments(false);
     std::vector<std::string> removed =
         prune_checkpoints(config_.checkpoint.dir, config_.checkpoint.keep_last);
     log_line("checkpoint " + path + " (" + fmt("%.1f s", monotonic_seconds() - t0) +
@@ -561,7 +606,10 @@ void Trainer::resume_from_newest_loadable(
 }
 
 void Trainer::load_checkpoint(const std::string& path) {
+  // ZeRO-1: every rank reads the unsharded moments and keeps its slices.
+  if (optimizer_->sharded()) optimizer_->allocate_full_moments();
   TrainState s = nha::load_checkpoint(path, params_, optimizer_.get());
+  if (optimizer_->sharded()) optimizer_->release_full_moments(true);
   step_ = s.step;
   tokens_seen_ = s.tokens_seen;
   rng_.set_state(s.rng_seed, s.rng_offset);
@@ -651,7 +699,10 @@ void Trainer::train(int64_t until_step) {
                             {"mem_peak_bytes", mem.peak},
                             {"steps", n},           {"skipped", n - n_ok}};
       if (mfu >= 0) rec["mfu"] = mfu;
-      if (world_ > 1) rec["world_size"] = world_;
+      if (world_ > 1) {
+        rec["world_size"] = world_;
+        rec["optimizer_bytes_per_rank"] = optimizer_->state_bytes();
+      }
       metrics_.write(rec);
       reset_memory_peak(device_);  // the next line's peak is that interval's
       loss_sum = time_sum = norm_sum = 0;

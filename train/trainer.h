@@ -95,7 +95,8 @@ class Trainer {
   StepStats train_step();                            // one optimizer step (no logging)
   data::Batch next_batch();                          // the next step's batch (advances the loader)
   // Forward + backward of one step's batch in micro-batches: gradients accumulate into the
-  // parameters' grad() (averaged over the ranks under data parallelism); returns this rank's mean
+  // parameters' grad() (averaged over the ranks under data parallelism; under ZeRO-1 only this
+  // rank's slices are averaged, into the reducer's grad_shard()); returns this rank's mean
   // micro-batch loss. Does not step or zero the gradients.
   double forward_backward(const data::Batch& batch, int64_t step_for_hooks = 0);
   ValStats validate();                               // all ranks share the work
@@ -130,6 +131,14 @@ class Trainer {
   bool stop_requested_here() const;  // request_stop() or the stop flag, on this process
   bool stop_now() const;  // a stop was requested (under data parallelism: on any rank)
   void zero_grad();
+  // Clips the averaged gradients with the whole model's norm (ZeRO-1: this rank's shard, the norm
+  // from every rank's sum of squares); returns the norm.
+  double clip_gradients();
+  // The AdamW update of this step; under ZeRO-1 this rank's slices, then the all-gather.
+  void update_parameters(double lr);
+  // ZeRO-1: every rank's AdamW moments into the optimizer's full moments on rank 0, for a
+  // checkpoint in the unsharded format.
+  void gather_moments_to_rank0();
 
   RunConfig config_;
   TrainerOptions options_;

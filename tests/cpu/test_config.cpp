@@ -154,6 +154,8 @@ TEST(Config, NumbersOutOfRangeAreRefusedWithTheKey) {
       {"train.max_bad_steps=0", "train.max_bad_steps"},
       {"train.warmup_steps=-1", "train.warmup_steps"},
       {"train.dist_timeout_s=.inf", "train.dist_timeout_s"},
+      {"train.zero=2", "train.zero"},
+      {"train.zero=-1", "train.zero"},
       {"eval.interval=-1", "eval.interval"},
       {"eval.val_tokens=-1", "eval.val_tokens"},
       {"checkpoint.interval=-1", "checkpoint.interval"},

@@ -90,6 +90,32 @@ TEST(BucketPlan, LargeCapGivesOneBucketAndEmptyModelNone) {
   EXPECT_TRUE(plan_buckets({}, 100).buckets.empty());
 }
 
+TEST(BucketPlan, ShardSlicesSplitEveryBucketEqually) {
+  // ZeRO-1 over 2 ranks: offsets aligned to 128, so every bucket splits into two slices of whole
+  // multiples of 64 elements.
+  const std::vector<int64_t> numels = {1000, 10, 70, 5, 1000};
+  const BucketPlan plan = plan_buckets(numels, 256, flat_align(2));
+  const auto s0 = shard_slices(plan, 0, 2), s1 = shard_slices(plan, 1, 2);
+  ASSERT_EQ(s0.size(), plan.buckets.size());
+  int64_t kept = 0;
+  for (size_t b = 0; b < plan.buckets.size(); ++b) {
+    const GradBucket& bucket = plan.buckets[b];
+    EXPECT_EQ(s0[b].begin, bucket.begin);
+    EXPECT_EQ(s0[b].size, s1[b].size);
+    EXPECT_EQ(s1[b].begin, bucket.begin + s0[b].size);
+    EXPECT_EQ(s1[b].begin + s1[b].size, bucket.end);
+    EXPECT_EQ(s0[b].size % 64, 0);
+    EXPECT_EQ(s0[b].shard_offset, kept);
+    EXPECT_EQ(s1[b].shard_offset, kept);
+    kept += s0[b].size;
+  }
+  EXPECT_EQ(2 * kept, plan.total);
+  // One shard: the buckets themselves.
+  const auto whole = shard_slices(plan, 0, 1);
+  for (size_t b = 0; b < plan.buckets.size(); ++b)
+    EXPECT_EQ(whole[b].size, plan.buckets[b].end - plan.buckets[b].begin);
+}
+
 // ---- launch environment ---------------------------------------------------------------------------
 
 dist::EnvLookup env_of(const std::map<std::string, std::string>& vars) {
@@ -181,6 +207,11 @@ TEST(BatchSplit, EveryRankRunsWholeMicroBatches) {
   testing::expect_error([&] { t.check_world_size(3, "test.yaml"); },
                {"test.yaml", "train.global_batch_tokens", "x 3", "HINT", "global_batch_tokens=3072"});
   testing::expect_error([&] { t.check_world_size(16, "test.yaml"); }, {"HINT", "global_batch_tokens=8192"});
+  // ZeRO-1 shards over ranks: one rank has nothing to shard.
+  t.zero = 1;
+  t.check_world_size(2, "test.yaml");
+  testing::expect_error([&] { t.check_world_size(1, "test.yaml"); },
+                        {"test.yaml", "train.zero is 1", "one rank", "HINT: --set train.zero=0"});
 }
 
 }  // namespace

@@ -5,7 +5,10 @@
 //     (the loss is summed in f32 on one rank and in f64 across ranks);
 //   - resume 2 -> 1 and 1 -> 2 ranks from a checkpoint: the same bits as the run that never stopped;
 //   - a rank that exits or hangs ends the job within a bounded time, named in the output;
-//   - ranks started with different configs are refused.
+//   - ranks started with different configs are refused;
+//   - ZeRO-1 (train.zero=1) on 2 ranks == plain 2 ranks == 1 rank, with about half the optimizer
+//     state per rank; its unsharded checkpoints resume on 1 rank without ZeRO and on 2 with it, and
+//     a plain checkpoint resumes under ZeRO-1; ZeRO-1 on one rank is refused.
 // Every run uses one OpenMP thread per process, so that 1 and 2 ranks reduce in the same order.
 #include <sys/wait.h>
 #include <unistd.h>
@@ -114,6 +117,20 @@ class MpiRanks : public ::testing::Test {
     return out;
   }
 
+  // optimizer_bytes_per_rank of RUN/metrics.jsonl's first train record.
+  int64_t optimizer_bytes_per_rank(const std::string& run) {
+    std::istringstream in(testing::read_file(dir_ + "/" + run + "/metrics.jsonl"));
+    std::string line;
+    std::getline(in, line);
+    return nlohmann::json::parse(line).at("optimizer_bytes_per_rank").get<int64_t>();
+  }
+
+  // Resumes `run` (at its step-4 checkpoint) to step 8 on `ranks` ranks; expects success.
+  void resume_run(const std::string& run, int ranks, const std::string& extra = "") {
+    const Result r = train(ranks, "--resume --set logging.run_dir=" + run + " " + extra);
+    ASSERT_EQ(r.status, 0) << run << " resume failed:\n" << r.output;
+  }
+
   // Every parameter of the run's step-8 checkpoint equal bit for bit to the reference run's.
   void expect_same_parameters(const std::string& run, const std::string& ref) {
     const auto a = read_parameters(dir_ + "/" + run + "/checkpoints/step_00000008.h5");
@@ -178,6 +195,53 @@ TEST_F(MpiRanks, RanksWithDifferentConfigsAreRefused) {
   const std::string out = testing::read_file(dir_ + "/mismatch.log");
   EXPECT_NE(rc, 0) << out;
   EXPECT_NE(out.find("configs differ between ranks"), std::string::npos) << out;
+}
+
+TEST_F(MpiRanks, ZeroOneEqualsPlainDataParallelAndOneRank) {
+  train_run("one", 1);
+  train_run("two", 2);
+  train_run("zero", 2, "--set train.zero=1");
+  const auto l1 = losses("one"), l2 = losses("two"), lz = losses("zero");
+  ASSERT_EQ(lz.size(), 8u);
+  for (const auto& [step, loss] : l2) {
+    EXPECT_EQ(lz.at(step), loss) << "step " << step << ": ZeRO-1 vs plain, both on 2 ranks";
+    EXPECT_NEAR(lz.at(step), l1.at(step), 1e-6 * loss) << "step " << step << ": ZeRO-1 vs 1 rank";
+  }
+  // The update is elementwise and every rank's slice of the averaged gradient has the bits of the
+  // all-reduce's; only the clipping norm is summed in another order (per rank, then over ranks),
+  // which did not change a bit of the parameters here.
+  expect_same_parameters("zero", "two");
+  expect_same_parameters("zero", "one");
+  // m and v of half the parameters per rank; more than half by the padding of every parameter to
+  // a multiple of 2 x 64 elements (< 1% here).
+  const int64_t plain = optimizer_bytes_per_rank("two"), zero = optimizer_bytes_per_rank("zero");
+  EXPECT_GE(2 * zero, plain);
+  EXPECT_LE(double(zero), 0.51 * double(plain)) << zero << " vs " << plain << " bytes";
+}
+
+TEST_F(MpiRanks, ZeroOneCheckpointsResumeOnAnyRankCountWithOrWithoutZero) {
+  train_run("one", 1);
+  // ZeRO-1 on 2 ranks to step 4, then on 1 rank without ZeRO and on 2 ranks with it.
+  train_run("zero", 2, "--set train.zero=1 --set train.steps=4");
+  fs::copy(dir_ + "/zero", dir_ + "/zero-then-one", fs::copy_options::recursive);
+  resume_run("zero", 2, "--set train.zero=1");
+  resume_run("zero-then-one", 1);
+  // A plain checkpoint of 1 rank, resumed under ZeRO-1 on 2.
+  train_run("one-then-zero", 1, "--set train.steps=4");
+  resume_run("one-then-zero", 2, "--set train.zero=1");
+  for (const char* run : {"zero", "zero-then-one", "one-then-zero"})
+    expect_same_parameters(run, "one");
+}
+
+TEST_F(MpiRanks, ImpossibleZeroSettingsAreRefused) {
+  const Result one = train(1, "--set logging.run_dir=z1 --set train.zero=1");
+  EXPECT_NE(one.status, 0) << one.output;
+  EXPECT_NE(one.output.find("train.zero is 1 but the run has one rank"), std::string::npos)
+      << one.output;
+  EXPECT_NE(one.output.find("HINT: --set train.zero=0"), std::string::npos) << one.output;
+  const Result three = train(2, "--set logging.run_dir=z3 --set train.zero=3");
+  EXPECT_NE(three.status, 0) << three.output;
+  EXPECT_NE(three.output.find("train.zero is 3. HINT"), std::string::npos) << three.output;
 }
 
 }  // namespace

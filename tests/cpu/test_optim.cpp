@@ -1,5 +1,6 @@
 // AdamW (kernel and optimizer class) and gradient-norm clipping against hand-computed formulas;
-// the flat-buffer optimizer against per-tensor steps, its bf16 copies, flat gradient clipping.
+// the flat-buffer optimizer against per-tensor steps, its bf16 copies, flat gradient clipping; the
+// sharded optimizer (ZeRO-1) of two ranks, simulated in one process, against the unsharded one.
 #include <cmath>
 #include <limits>
 
@@ -384,6 +385,96 @@ TEST(ClipGradNormFlat, MatchesPerTensorClipping) {
   fg.zero_grad();
   for (size_t i = 0; i < ps.size(); ++i) EXPECT_TRUE(fg.holds(i));
   EXPECT_EQ(clip_grad_norm_flat(fg.buffer(), 0.0), 0.0);
+}
+
+// ---- sharded (ZeRO-1) ---------------------------------------------------------------------------
+
+// The two ranks of ZeRO-1 in one process: each optimizer updates its slices from its shard of the
+// gradients, then each receives the other's slices (what the all-gather does). The parameters,
+// their bf16 copies and the moments (gathered as for a checkpoint) have the unsharded optimizer's
+// bits; the clipping norm from the two partial sums of squares is the whole buffer's.
+TEST(AdamWSharded, TwoShardsGiveTheUnshardedBits) {
+  constexpr int kShards = 2;
+  constexpr int64_t kBucket = 256;  // elements: several buckets over odd_params
+  const std::vector<bool> decay = {true, false, true, false, true};
+  const AdamWOptions options{.lr = 0.05, .weight_decay = 0.1};
+  std::vector<Tensor> ps = odd_params(600);
+  AdamW whole(named_entries(ps, decay), options);
+  FlatGrads whole_grads(ps, std::numeric_limits<int64_t>::max());
+  std::vector<std::vector<Tensor>> rps;               // (shards,) each rank's parameters
+  std::vector<std::unique_ptr<AdamW>> ropt;           // (shards,)
+  std::vector<std::unique_ptr<FlatGrads>> rgrads;     // (shards,) laid out like ropt's
+  for (int r = 0; r < kShards; ++r) {
+    rps.push_back(odd_params(600));
+    rgrads.push_back(std::make_unique<FlatGrads>(rps[r], kBucket, flat_align(kShards)));
+    ropt.push_back(std::make_unique<AdamW>(named_entries(rps[r], decay), options, DType::BF16,
+                                           OptimizerShard{r, kShards, kBucket}));
+  }
+  ASSERT_GT(rgrads[0]->plan().buckets.size(), 1u);
+  // m and v of half the elements each: as many bytes as the parameters.
+  EXPECT_EQ(ropt[0]->state_bytes(), int64_t(ropt[0]->flat_parameters().nbytes()));
+  for (int t = 1; t <= 3; ++t) {
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const Tensor g = randn(ps[i].shape(), 610 + 10 * t + i, DType::F32);
+      ps[i].mutable_grad().copy_(g);
+      for (int r = 0; r < kShards; ++r) rps[r][i].mutable_grad().copy_(g);
+    }
+    const double max_norm = 2.0;  // below the norm: clipping scales
+    const double norm = clip_grad_norm_flat(whole_grads.buffer(), max_norm);
+    whole.step(0.05);
+    std::vector<Tensor> shards;  // (shards,) each (total / shards,): rank r's gradient slices
+    for (int r = 0; r < kShards; ++r) {
+      shards.push_back(Tensor::zeros({ropt[r]->shard_elements()}));
+      for (const ShardSlice& sl : ropt[r]->slices())
+        shards[r].slice(0, sl.shard_offset, sl.shard_offset + sl.size)
+            .copy_(rgrads[r]->buffer().slice(0, sl.begin, sl.begin + sl.size));
+    }
+    // Every rank's norm from the sum of both ranks' sums of squares (the first calls, which do
+    // not clip, only record them).
+    std::vector<double> partial(kShards);
+    for (int r = 0; r < kShards; ++r)
+      clip_grad_norm_flat(shards[r], 0.0, [&](double s) { return partial[r] = s; });
+    for (int r = 0; r < kShards; ++r) {
+      const double sharded_norm = clip_grad_norm_flat(
+          shards[r], max_norm, [&](double) { return partial[0] + partial[1]; });
+      EXPECT_NEAR(sharded_norm, norm, 1e-12 * norm);
+      std::vector<size_t> updated;  // the slices in the order after_slice saw them
+      ropt[r]->step(0.05, shards[r], [&](size_t k) { updated.push_back(k); });
+      ASSERT_EQ(updated.size(), ropt[r]->slices().size());
+      for (size_t k = 0; k < updated.size(); ++k) EXPECT_EQ(updated[k], k);
+    }
+    for (int r = 0; r < kShards; ++r)  // the all-gather
+      for (const ShardSlice& sl : ropt[r]->slices())
+        ropt[1 - r]->flat_parameters().slice(0, sl.begin, sl.begin + sl.size)
+            .copy_(ropt[r]->flat_parameters().slice(0, sl.begin, sl.begin + sl.size));
+    for (int r = 0; r < kShards; ++r) {
+      ropt[r]->parameters_written();
+      for (size_t i = 0; i < ps.size(); ++i) {
+        EXPECT_EQ(values(rps[r][i]), values(ps[i])) << "step " << t << ", rank " << r << ", " << i;
+        EXPECT_EQ(values(ropt[r]->copy(i)), values(ps[i].to(DType::BF16))) << "bf16 copy " << i;
+      }
+    }
+  }
+  // The moments of both ranks, gathered as for a checkpoint, are the unsharded ones; a load keeps
+  // a rank's own slices.
+  AdamW& root = *ropt[0];
+  root.allocate_full_moments();
+  for (int r = 0; r < kShards; ++r)
+    for (const ShardSlice& sl : ropt[r]->slices()) {
+      const int64_t a = sl.shard_offset, b = sl.shard_offset + sl.size;
+      root.full_m().slice(0, sl.begin, sl.begin + sl.size).copy_(ropt[r]->m_shard().slice(0, a, b));
+      root.full_v().slice(0, sl.begin, sl.begin + sl.size).copy_(ropt[r]->v_shard().slice(0, a, b));
+    }
+  for (size_t i = 0; i < ps.size(); ++i) {
+    EXPECT_EQ(values(root.m(i)), values(whole.m(i))) << i;
+    EXPECT_EQ(values(root.v(i)), values(whole.v(i))) << i;
+  }
+  const std::vector<double> m_before = values(root.m_shard());
+  root.m_shard().zero_();
+  root.release_full_moments(true);
+  EXPECT_EQ(values(root.m_shard()), m_before);
+  EXPECT_FALSE(root.m(0).defined()) << "the full moments are gone";
+  testing::expect_error([&] { root.step(0.05); }, {"sharded", "HINT", "step(lr, grad_shard)"});
 }
 
 }  // namespace
