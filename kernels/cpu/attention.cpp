@@ -22,6 +22,7 @@
 #include "core/profile.h"
 #include "kernels/cpu/blas.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/vec_math.h"
 
 namespace nha {
 
@@ -82,14 +83,18 @@ void block_probabilities(S* s, const QueryBlock& qb, int64_t window, const S* ls
     std::fill(row, row + lo, S(0));
     std::fill(row + hi, row + qb.nk, S(0));
     if (lse_in) {
-      for (int64_t j = lo; j < hi; ++j) row[j] = std::exp(row[j] - lse_in[r]);
+      exp_shifted(row + lo, row + lo, lse_in[r], hi - lo);
       continue;
     }
     S mx = -std::numeric_limits<S>::infinity();
+#pragma omp simd reduction(max : mx)
     for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, row[j]);
+    exp_shifted(row + lo, row + lo, mx, hi - lo);
     double sum = 0;  // of up to T terms in (0, 1]
-    for (int64_t j = lo; j < hi; ++j) sum += double(row[j] = std::exp(row[j] - mx));
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = lo; j < hi; ++j) sum += double(row[j]);
     const S inv = S(1 / sum);
+#pragma omp simd
     for (int64_t j = lo; j < hi; ++j) row[j] *= inv;
     lse_out[r] = S(double(mx) + std::log(sum));
   }
@@ -177,6 +182,7 @@ void CpuBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Te
             for (int64_t r = 0; r < qb.n; ++r) {
               S *pr = p.data() + r * qb.nk, *dr = dp.data() + r * qb.nk;
               double sum = 0;
+#pragma omp simd reduction(+ : sum)
               for (int64_t j = 0; j < qb.nk; ++j) sum += double(pr[j]) * double(dr[j]);
               const S delta = S(sum);
               for (int64_t j = 0; j < qb.nk; ++j) dr[j] = pr[j] * (dr[j] - delta);

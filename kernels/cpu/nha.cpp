@@ -32,6 +32,7 @@
 #include "core/profile.h"
 #include "kernels/cpu/blas.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/vec_math.h"
 
 namespace nha {
 
@@ -133,27 +134,33 @@ struct Decay {
     ebB.resize(size_t(np * M));
     SE.resize(size_t(np * M));
     const double* b = B.data() + (n - 1) * M;
+    // Exponents first (differences in double), then one vectorized exp over the block.
     for (int64_t jj = 0; jj < np; ++jj) {
       const double* Bj = B.data() + (c.j0 + jj) * M;
+      for (int64_t s = 0; s < M; ++s) ebB[jj * M + s] = S(b[s] - Bj[s]);
+    }
+    exp_shifted(ebB.data(), ebB.data(), S(0), np * M);
+    for (int64_t jj = 0; jj < np; ++jj) {
       const S* Sj = x.s + (c.src0 + jj) * x.ldm;
-      for (int64_t s = 0; s < M; ++s) {
-        ebB[jj * M + s] = std::exp(S(b[s] - Bj[s]));
-        SE[jj * M + s] = Sj[s] * ebB[jj * M + s];
-      }
+      for (int64_t s = 0; s < M; ++s) SE[jj * M + s] = Sj[s] * ebB[jj * M + s];
     }
     if (!with_D) return;
     D.resize(size_t(n * np * M));
     SD.resize(D.size());
-    for (int64_t i = c.j0; i < n; ++i)
-      for (int64_t jj = 0; jj <= i - c.j0; ++jj) {
-        const double *Bi = B.data() + i * M, *Bj = B.data() + (c.j0 + jj) * M;
-        const S* Sj = x.s + (c.src0 + jj) * x.ldm;
-        S *Dij = D.data() + (i * np + jj) * M, *SDij = SD.data() + (i * np + jj) * M;
-        for (int64_t s = 0; s < M; ++s) {
-          Dij[s] = std::exp(S(Bi[s] - Bj[s]));
-          SDij[s] = Sj[s] * Dij[s];
-        }
+    for (int64_t i = c.j0; i < n; ++i) {
+      const int64_t pairs = i - c.j0 + 1;  // j0 <= j <= i: contiguous in D's row i
+      const double* Bi = B.data() + i * M;
+      S *Di = D.data() + i * np * M, *SDi = SD.data() + i * np * M;
+      for (int64_t jj = 0; jj < pairs; ++jj) {
+        const double* Bj = B.data() + (c.j0 + jj) * M;
+        for (int64_t s = 0; s < M; ++s) Di[jj * M + s] = S(Bi[s] - Bj[s]);
       }
+      exp_shifted(Di, Di, S(0), pairs * M);
+      for (int64_t jj = 0; jj < pairs; ++jj) {
+        const S* Sj = x.s + (c.src0 + jj) * x.ldm;
+        for (int64_t s = 0; s < M; ++s) SDi[jj * M + s] = Sj[s] * Di[jj * M + s];
+      }
+    }
   }
 };
 
@@ -256,9 +263,13 @@ void forward_head(S* out, S* lse, const Head<S>& x, double scale, Scratch<S>& sc
     // Joint softmax of each row, in place: L becomes [pm ; pw].
     for (int64_t i = 0; i < c.n; ++i) {
       S* p = sc.L.data() + i * ld;
-      const S mx = *std::max_element(p, p + ld);
+      S mx = p[0];
+#pragma omp simd reduction(max : mx)
+      for (int64_t e = 1; e < ld; ++e) mx = std::max(mx, p[e]);
+      exp_shifted(p, p, mx, ld);
       double sum = 0;
-      for (int64_t e = 0; e < ld; ++e) sum += double(p[e] = std::exp(p[e] - mx));
+#pragma omp simd reduction(+ : sum)
+      for (int64_t e = 0; e < ld; ++e) sum += double(p[e]);
       const S inv = S(1 / sum);
       for (int64_t e = 0; e < ld; ++e) p[e] *= inv;
       lse[c0 + i] = S(double(mx) + std::log(sum));
@@ -336,7 +347,7 @@ void backward_head(const HeadGrads<S>& gr, const S* dout, const S* lse, const He
 
     chunk_logits(L, A, Loff, x, c, dc, Hk, scale);
     for (int64_t i = 0; i < nc; ++i)  // the forward's joint softmax, from its lse
-      for (int64_t e = 0; e < ld; ++e) P[i * ld + e] = std::exp(L[i * ld + e] - lse[c0 + i]);
+      exp_shifted(P + i * ld, L + i * ld, lse[c0 + i], ld);
     // (a) dpm_i = (dO_i Hv_n^T) ⊙ e^{B_i} + sum_{j<=i} (dO_i . V'_j) SD_ij;  dpw = dO V[kb:]^T.
     gemm_rm<S>(false, true, nc, M, Dv, S(1), dO, x.ldv, Hv, Dv, S(0), dP, ld);
     gemm_rm<S>(false, true, nc, np, Dv, S(1), dO, x.ldv, Vp, x.ldv, S(0), OV, np);
@@ -496,7 +507,11 @@ void CpuBackend::nha_backward(Tensor& dq, Tensor& dk, Tensor& dqr, Tensor& dkr, 
   });
 }
 
+// Elementwise ops of at least this many elements run on all threads.
+constexpr int64_t kGateThreading = 16384;
+
 // g = logsigmoid(f) / 8 = (min(f, 0) - log1p(e^{-|f|})) / 8 (stable for any f);  s = 1 - e^g.
+// Computed in the tensors' dtype (f32: the float functions, a third of the double ones' time).
 void CpuBackend::nha_gate_forward(Tensor& g, Tensor& s, const Tensor& f) {
   NHA_PROFILE_SCOPE("nha_gate_forward");
   check_same_shape(g, f, "nha_gate_forward g");
@@ -506,17 +521,17 @@ void CpuBackend::nha_gate_forward(Tensor& g, Tensor& s, const Tensor& f) {
     const S* pf = f.data<S>();
     S *pg = g.data<S>(), *ps = s.data<S>();
     const int64_t n = f.numel();
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n >= kGateThreading)
     for (int64_t i = 0; i < n; ++i) {
-      const double x = double(pf[i]);
-      const double gi = (std::min(x, 0.0) - std::log1p(std::exp(-std::abs(x)))) / 8.0;
-      pg[i] = S(gi);
-      ps[i] = S(-std::expm1(gi));
+      const S x = pf[i];
+      const S gi = (std::min(x, S(0)) - std::log1p(std::exp(-std::abs(x)))) / S(8);
+      pg[i] = gi;
+      ps[i] = -std::expm1(gi);
     }
   });
 }
 
-// df = (dg - e^g ds) * sigmoid(-f) / 8
+// df = (dg - e^g ds) * sigmoid(-f) / 8, with e = e^{-|f|}: sigmoid(-f) = (f >= 0 ? e : 1) / (1 + e)
 void CpuBackend::nha_gate_backward(Tensor& df, const Tensor& dg, const Tensor& ds,
                                    const Tensor& f) {
   NHA_PROFILE_SCOPE("nha_gate_backward");
@@ -528,12 +543,12 @@ void CpuBackend::nha_gate_backward(Tensor& df, const Tensor& dg, const Tensor& d
     const S *pf = f.data<S>(), *pdg = dg.data<S>(), *pds = ds.data<S>();
     S* pdf = df.data<S>();
     const int64_t n = f.numel();
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n >= kGateThreading)
     for (int64_t i = 0; i < n; ++i) {
-      const double x = double(pf[i]);
-      const double g = (std::min(x, 0.0) - std::log1p(std::exp(-std::abs(x)))) / 8.0;
-      const double sig_neg = 1.0 / (1.0 + std::exp(x));  // sigmoid(-f)
-      pdf[i] = S((double(pdg[i]) - std::exp(g) * double(pds[i])) * sig_neg / 8.0);
+      const S x = pf[i], e = std::exp(-std::abs(x));
+      const S g = (std::min(x, S(0)) - std::log1p(e)) / S(8);
+      const S sig_neg = (x >= 0 ? e : S(1)) / (S(1) + e);
+      pdf[i] = (pdg[i] - std::exp(g) * pds[i]) * sig_neg / S(8);
     }
   });
 }
