@@ -16,7 +16,6 @@
 // writes and in a fixed order: deterministic for any thread count.
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "core/profile.h"
@@ -86,13 +85,7 @@ void block_probabilities(S* s, const QueryBlock& qb, int64_t window, const S* ls
       exp_shifted(row + lo, row + lo, lse_in[r], hi - lo);
       continue;
     }
-    S mx = -std::numeric_limits<S>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, row[j]);
-    exp_shifted(row + lo, row + lo, mx, hi - lo);
-    double sum = 0;  // of up to T terms in (0, 1]
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = lo; j < hi; ++j) sum += double(row[j]);
+    const auto [mx, sum] = exp_minus_max(row + lo, row + lo, hi - lo);  // hi > lo: t sees itself
     const S inv = S(1 / sum);
 #pragma omp simd
     for (int64_t j = lo; j < hi; ++j) row[j] *= inv;

@@ -1,7 +1,6 @@
 // CPU cross-entropy per row: losses forward, logits gradient backward (softmax never stored).
 #include <algorithm>
 #include <cmath>
-#include <utility>
 #include <vector>
 
 #include "core/profile.h"
@@ -25,19 +24,6 @@ void check_targets(const Tensor& targets, int64_t N, int64_t V, int64_t ignore_i
         << ") and is not ignore_index (" << ignore_index
         << "). HINT: the vocab size of the data and of the model must agree";
   }
-}
-
-// e [V] = exp(x - m), m = max_c x[c]; returns {m, sum_c e[c]} (the sum in double). e may be x.
-template <typename T>
-std::pair<T, double> exp_row(T* e, const T* x, int64_t V) {
-  T m = x[0];
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 1; c < V; ++c) m = std::max(m, x[c]);
-  exp_shifted(e, x, m, V);
-  double sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < V; ++c) sum += double(e[c]);
-  return {m, sum};
 }
 
 }  // namespace
@@ -64,7 +50,7 @@ void CpuBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits, con
           continue;
         }
         // log sum_c exp(x_c) - x_t = m + log sum_c exp(x_c - m) - x_t
-        const auto [m, sum] = exp_row(e.data(), x + n * V, V);
+        const auto [m, sum] = exp_minus_max(e.data(), x + n * V, V);
         l[n] = T(double(m) + std::log(sum) - double(x[n * V + t]));
       }
     }
@@ -93,7 +79,7 @@ void CpuBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
       }
       // One exp per logit (logsumexp then softmax took two): row first holds exp(x - max), then
       // the gradient, from the row's sum of those exps. (row may alias the logits.)
-      const double sum = exp_row(row, x + n * V, V).second, g = dl[n];
+      const double sum = exp_minus_max(row, x + n * V, V).second, g = dl[n];
       const double p_t = double(row[t]) / sum;  // the target's term in double: p_t - 1 may cancel
       const T scale = T(g / sum);
 #pragma omp simd

@@ -6,10 +6,12 @@
 // [-87, 88]), 0 below e^-87 (denormal results are flushed, -inf gives 0), inf above e^88, NaN
 // stays NaN. The double path is std::exp, so the f64 kernels (the tests' references) are unchanged.
 #pragma once
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 namespace nha {
 
@@ -54,6 +56,20 @@ inline void exp_shifted(float* y, const float* x, float shift, int64_t n) {
 }
 inline void exp_shifted(double* y, const double* x, double shift, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = std::exp(x[i] - shift);
+}
+
+// e [n] = exp(x - m), m = max(x) (n >= 1; e may be x): the stable softmax numerator. Returns m and
+// sum(e), summed in double.
+template <typename T>
+std::pair<T, double> exp_minus_max(T* e, const T* x, int64_t n) {
+  T m = x[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 1; i < n; ++i) m = std::max(m, x[i]);
+  exp_shifted(e, x, m, n);
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += double(e[i]);
+  return {m, sum};
 }
 
 }  // namespace nha
