@@ -7,8 +7,8 @@
 // Blocked by query rows (kQueryBlock): a block of queries sees one contiguous range of keys, so
 // its scores are one GEMM [rows, keys] (entries outside a row's causal window are masked to
 // probability 0), its softmax is computed on that small matrix (it stays in cache), and its
-// output is one more GEMM. Arithmetic in the tensors' dtype (f32: sgemm, f64: dgemm); the f64
-// kernels are the oracle for the CUDA kernels and match the naive double loops to ~1e-15.
+// output is one more GEMM. Arithmetic in the tensors' dtype (f32: sgemm and the vectorized exp
+// of vec_math.h, f64: dgemm and std::exp); the f64 kernels are the oracle for the CUDA kernels.
 //   forward    one OpenMP task per (b, h, query block):  S = scale Q K^T, P = softmax, O = P V
 //   backward   one task per (b, h), query blocks in order:
 //              dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, dK += scale dS^T Q, dV += P^T dO
@@ -143,7 +143,7 @@ void CpuBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Te
   const int64_t B = dims.B, T = dims.T, H = dims.H, D = dims.D;
   const int64_t row = H * D;
   const int64_t blocks = (T + kQueryBlock - 1) / kQueryBlock;
-  // out is not read: delta_t is summed from P and dP (above).
+  // out is not read: delta_t is summed from P and dP (below).
   dispatch_floating(q, "attention_backward", [&]<typename S>() {
     const S *pq = q.data<S>(), *pk = k.data<S>(), *pv = v.data<S>();
     const S *pdo = dout.data<S>(), *pl = lse.data<S>();
