@@ -88,10 +88,10 @@ Head<S> head_of(const NhaDims& d, const Tensor& q, const Tensor& k, const Tensor
                 int64_t h, int64_t w) {
   const int64_t ok = (b * d.T * d.H + h) * d.Dk, ov = (b * d.T * d.H + h) * d.Dv,
                 om = (b * d.T * d.H + h) * d.M;
-  return {q.data<S>() + ok, k.data<S>() + ok, qr.data<S>() + ok, kr.data<S>() + ok,
-          v.data<S>() + ov, s.data<S>() + om, g.data<S>() + om,  d.H * d.Dk,
-          d.H * d.Dv,       d.H * d.M,        d.T,               d.Dk,
-          d.Dv,             d.M,              w};
+  return {.q = q.data<S>() + ok, .k = k.data<S>() + ok, .qr = qr.data<S>() + ok,
+          .kr = kr.data<S>() + ok, .v = v.data<S>() + ov, .s = s.data<S>() + om,
+          .g = g.data<S>() + om, .ldk = d.H * d.Dk, .ldv = d.H * d.Dv, .ldm = d.H * d.M,
+          .T = d.T, .Dk = d.Dk, .Dv = d.Dv, .M = d.M, .w = w};
 }
 
 // Chunk rows [c0, c0 + n). Local row j carries the memory write of token c0 + j - w exactly when
