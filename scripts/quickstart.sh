@@ -4,7 +4,7 @@
 #   token shards; train a small NHA model and a same-size Transformer++ (on the GPU when there is
 #   one, else on the CPU); evaluate both; print a comparison table and the loss plot's path.
 #
-#   scripts/quickstart.sh                 everything (CPU, 2 cores: measured time in docs/training.md)
+#   scripts/quickstart.sh                 everything (timed on 2 CPU cores: docs/training.md)
 #   NHA_CORPUS=path/corpus.txt[.zst] scripts/quickstart.sh    use this text instead of get-corpus
 #   NHA_EVAL_DATA=../shared/data/eval scripts/quickstart.sh   also run the commonsense tasks
 #   NHA_EVAL_LIMIT=500 (rows per task; CPU default 50), NHA_SKIP_SETUP=1 (no apt-get: offline)
@@ -13,7 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
-stage() { printf '\n== [%d:%02d] %s\n' $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)) "$*"; }
+stage() {
+  printf '\n== [%d:%02d] %s\n' $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)) "$*"
+}
 stage "setup"
 [[ -n ${NHA_SKIP_SETUP:-} ]] || bash scripts/setup.sh
 # Only the nha command (the tests and benchmarks are scripts/test.sh's). Without a GPU the CUDA

@@ -265,10 +265,13 @@ TEST(Nha, KernelsMatchReferenceAtOddSizesAndDecays) {
           Tensor out = Tensor::full(y.v.shape(), std::nan(""), dt);
           Tensor lse = Tensor::full({B, H, T}, std::nan(""), dt);
           be.nha_forward(out, lse, y.q, y.k, y.qr, y.kr, y.v, y.s, y.g, 0.4, w);
-          auto [ref_out, ref_lse] = nha_recurrent_forward(y.q, y.k, y.qr, y.kr, y.v, y.s, y.g, 0.4, w);
+          auto [ref_out, ref_lse] =
+              nha_recurrent_forward(y.q, y.k, y.qr, y.kr, y.v, y.s, y.g, 0.4, w);
           const double tol = dt == DType::F64 ? 1e-12 : 1e-6;
-          EXPECT_LT(rel_rms(out, ref_out), tol) << dtype_name(dt) << " f=" << f_mean << " M=" << M << " w=" << w;
-          EXPECT_LT(rel_rms(lse, ref_lse), tol) << dtype_name(dt) << " f=" << f_mean << " M=" << M << " w=" << w;
+          EXPECT_LT(rel_rms(out, ref_out), tol)
+              << dtype_name(dt) << " f=" << f_mean << " M=" << M << " w=" << w;
+          EXPECT_LT(rel_rms(lse, ref_lse), tol)
+              << dtype_name(dt) << " f=" << f_mean << " M=" << M << " w=" << w;
           std::vector<Tensor>& d = grads[dt == DType::F64];
           for (const Tensor& t : y.all()) d.push_back(Tensor::full(t.shape(), std::nan(""), dt));
           be.nha_backward(d[0], d[1], d[2], d[3], d[4], d[5], d[6], dout.to(dt), y.q, y.k, y.qr,

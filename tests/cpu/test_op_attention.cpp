@@ -318,8 +318,10 @@ TEST(Attention, BlockedKernelsMatchNaiveAtOddSizes) {
       for (DType dt : {DType::F64, DType::F32}) {
         const Shape shape{s.B, s.T, s.H, s.D};
         // f32-representable inputs, so the f64 references see exactly the kernel's inputs.
-        const Tensor q = randn(shape, ++seed, DType::F32).to(dt), k = randn(shape, ++seed, DType::F32).to(dt),
-                     v = randn(shape, ++seed, DType::F32).to(dt), g = randn(shape, ++seed, DType::F32).to(dt);
+        const Tensor q = randn(shape, ++seed, DType::F32).to(dt),
+                     k = randn(shape, ++seed, DType::F32).to(dt),
+                     v = randn(shape, ++seed, DType::F32).to(dt),
+                     g = randn(shape, ++seed, DType::F32).to(dt);
         const double scale = 0.37, tol = dt == DType::F64 ? 1e-12 : 2e-6;
         Backend& be = backend_for(q);
         Tensor out = Tensor::full(shape, std::nan(""), dt);
@@ -352,7 +354,8 @@ TEST(Attention, BlockedBackwardMatchesFiniteDifferences) {
     attention(in[0], in[1], in[2], window).backward(g);
     double analytic = 0;
     for (int i = 0; i < 3; ++i) {
-      const std::vector<double> gv = in[i].grad().to_vector<double>(), dv = dir[i].to_vector<double>();
+      const std::vector<double> gv = in[i].grad().to_vector<double>(),
+                                dv = dir[i].to_vector<double>();
       for (size_t e = 0; e < gv.size(); ++e) analytic += gv[e] * dv[e];
     }
     auto loss_at = [&](double eps) {
