@@ -1,36 +1,37 @@
-// CPU reference causal attention with an optional sliding window: forward and backward.
+// CPU causal attention with an optional sliding window: forward and backward.
 //
 // Layout [B, T, H, D]: element (b, t, h, d) sits at ((b*T + t)*H + h)*D + d, so consecutive time
-// steps of one head are H*D apart. lse is [B, H, T].
+// steps of one head are H*D apart: a block of rows of one head is a strided matrix that OpenBLAS
+// reads in place (leading dimension H*D), with no gather. lse is [B, H, T].
 //
-// This is the oracle for the CUDA flash-attention kernel and the NHA layer, so it is written for
-// clarity: one query row (or key row) at a time, scores materialized for that row only, every dot
-// product and sum accumulated in double (also for f32 tensors). Rows are independent, so OpenMP
-// runs over (b, h, row) with no shared writes:
-//   forward                 one task per query row t:   lse_t, out_t
-//   backward, query pass    one task per query row t:   delta_t = dout_t . out_t, dq_t
-//   backward, key pass      one task per key row j:     dk_j, dv_j   (recomputes P_tj and dS_tj)
-// The key pass recomputes the scores instead of scattering from query rows (as flash attention's
-// backward does), which keeps every output element written by exactly one thread: deterministic.
+// Blocked by query rows (kQueryBlock): a block of queries sees one contiguous range of keys, so
+// its scores are one GEMM [rows, keys] (entries outside a row's causal window are masked to
+// probability 0), its softmax is computed on that small matrix (it stays in cache), and its
+// output is one more GEMM. Arithmetic in the tensors' dtype (f32: sgemm and the vectorized exp
+// of vec_math.h, f64: dgemm and std::exp); the f64 kernels are the oracle for the CUDA kernels.
+//   forward    one OpenMP task per (b, h, query block):  S = scale Q K^T, P = softmax, O = P V
+//   backward   one task per (b, h), query blocks in order:
+//              dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, dK += scale dS^T Q, dV += P^T dO
+// The backward's tasks own whole heads, so dK and dV accumulate over query blocks with no shared
+// writes and in a fixed order: deterministic for any thread count.
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "core/profile.h"
+#include "kernels/cpu/blas.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/vec_math.h"
 
 namespace nha {
 
 namespace {
 
-// Keys visible from query t: [key_begin(t), t].  Queries that see key j: [j, query_end(j)].
-// window <= 0 (or >= T) is plain causal attention.
+constexpr int64_t kQueryBlock = 64;
+
+// Keys visible from query t: [key_begin(t), t]. window <= 0 (or >= T) is plain causal attention.
 inline int64_t key_begin(int64_t t, int64_t window) {
   return window <= 0 ? 0 : std::max<int64_t>(0, t - window + 1);
-}
-inline int64_t query_end(int64_t j, int64_t T, int64_t window) {
-  return (window <= 0 || window >= T - j) ? T - 1 : j + window - 1;  // no overflow for huge window
 }
 
 // Multiply-adds of one pass (rows x visible keys x D): thread only when it outweighs the cost of
@@ -58,6 +59,40 @@ Dims attention_dims(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
   return d;
 }
 
+// The query block [t0, t0 + n) of one head sees keys [kb, t0 + n): nk of them.
+struct QueryBlock {
+  int64_t t0, n, kb, nk;
+  QueryBlock(int64_t block, int64_t T, int64_t window)
+      : t0(block * kQueryBlock), n(std::min(kQueryBlock, T - t0)), kb(key_begin(t0, window)),
+        nk(t0 + n - kb) {}
+  // Columns of query row r's visible keys within the block's key range: [lo(r), hi(r)).
+  int64_t lo(int64_t r, int64_t window) const { return key_begin(t0 + r, window) - kb; }
+  int64_t hi(int64_t r) const { return t0 + r + 1 - kb; }
+};
+
+// Scores of one query block as probabilities, in place: s [n, nk] holds scale q_t . k_j on entry;
+// on return P_tj at the visible keys and 0 elsewhere. Forward (lse_in == nullptr): the row's
+// softmax, its log-sum-exp written to lse_out[r]. Backward: P_tj = exp(s_tj - lse_in[r]).
+template <typename S>
+void block_probabilities(S* s, const QueryBlock& qb, int64_t window, const S* lse_in,
+                         S* lse_out) {
+  for (int64_t r = 0; r < qb.n; ++r) {
+    S* row = s + r * qb.nk;
+    const int64_t lo = qb.lo(r, window), hi = qb.hi(r);
+    std::fill(row, row + lo, S(0));
+    std::fill(row + hi, row + qb.nk, S(0));
+    if (lse_in) {
+      exp_shifted(row + lo, row + lo, lse_in[r], hi - lo);
+      continue;
+    }
+    const auto [mx, sum] = exp_minus_max(row + lo, row + lo, hi - lo);  // hi > lo: t sees itself
+    const S inv = S(1 / sum);
+#pragma omp simd
+    for (int64_t j = lo; j < hi; ++j) row[j] *= inv;
+    lse_out[r] = S(double(mx) + std::log(sum));
+  }
+}
+
 }  // namespace
 
 void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
@@ -67,38 +102,28 @@ void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, co
   check_same_shape(out, q, "attention_forward out");
   const int64_t B = dims.B, T = dims.T, H = dims.H, D = dims.D;
   const int64_t row = H * D;  // stride between time steps
+  const int64_t blocks = (T + kQueryBlock - 1) / kQueryBlock;
   dispatch_floating(q, "attention_forward", [&]<typename S>() {
     const S *pq = q.data<S>(), *pk = k.data<S>(), *pv = v.data<S>();
     S *po = out.data<S>(), *pl = lse.data<S>();
 #pragma omp parallel if (worth_threading(B, T, H, D, window))
     {
-      std::vector<double> s(static_cast<size_t>(T));  // scores of one query row (visible j)
-      std::vector<double> acc(static_cast<size_t>(D));
-#pragma omp for collapse(3) schedule(dynamic, 4)
+      // Scores, then probabilities, of one query block [kQueryBlock, keys]; kept per thread
+      // across calls so that the step allocates nothing here.
+      static thread_local std::vector<S> p;
+#pragma omp for collapse(3) schedule(dynamic, 1)
       for (int64_t b = 0; b < B; ++b)
         for (int64_t h = 0; h < H; ++h)
-          for (int64_t t = 0; t < T; ++t) {
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            const QueryBlock qb(blk, T, window);
             const int64_t base = b * T * row + h * D;  // (b, 0, h, 0)
-            const S* qt = pq + base + t * row;
-            const int64_t j0 = key_begin(t, window);
-            // s_tj = scale * q_t . k_j, and its max for a stable log-sum-exp.
-            double mx = -std::numeric_limits<double>::infinity();
-            for (int64_t j = j0; j <= t; ++j) {
-              s[j] = scale * dot_double(qt, pk + base + j * row, D);
-              mx = std::max(mx, s[j]);
-            }
-            // out_t = sum_j exp(s_tj - mx) v_j / sum_j exp(s_tj - mx);  lse_t = mx + log(sum).
-            double denom = 0;
-            std::fill(acc.begin(), acc.end(), 0.0);
-            for (int64_t j = j0; j <= t; ++j) {
-              const double p = std::exp(s[j] - mx);
-              denom += p;
-              const S* vj = pv + base + j * row;
-              for (int64_t d = 0; d < D; ++d) acc[d] += p * double(vj[d]);
-            }
-            S* ot = po + base + t * row;
-            for (int64_t d = 0; d < D; ++d) ot[d] = S(acc[d] / denom);
-            pl[(b * H + h) * T + t] = S(mx + std::log(denom));
+            p.resize(size_t(qb.n * qb.nk));
+            gemm_rm<S>(false, true, qb.n, qb.nk, D, S(scale), pq + base + qb.t0 * row, row,
+                       pk + base + qb.kb * row, row, S(0), p.data(), qb.nk);
+            block_probabilities<S>(p.data(), qb, window, nullptr,
+                                   pl + (b * H + h) * T + qb.t0);
+            gemm_rm<S>(false, false, qb.n, D, qb.nk, S(1), p.data(), qb.nk,
+                       pv + base + qb.kb * row, row, S(0), po + base + qb.t0 * row, row);
           }
     }
   });
@@ -117,67 +142,52 @@ void CpuBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Te
   check_same_shape(dv, q, "attention_backward dv");
   const int64_t B = dims.B, T = dims.T, H = dims.H, D = dims.D;
   const int64_t row = H * D;
-  // delta_t = dout_t . out_t, [B, H, T], computed by the query pass and read by the key pass.
-  std::vector<double> delta(static_cast<size_t>(B * H * T));
+  const int64_t blocks = (T + kQueryBlock - 1) / kQueryBlock;
+  // out is not read: delta_t is summed from P and dP (below).
   dispatch_floating(q, "attention_backward", [&]<typename S>() {
     const S *pq = q.data<S>(), *pk = k.data<S>(), *pv = v.data<S>();
-    const S *pdo = dout.data<S>(), *po = out.data<S>(), *pl = lse.data<S>();
+    const S *pdo = dout.data<S>(), *pl = lse.data<S>();
     S *pdq = dq.data<S>(), *pdk = dk.data<S>(), *pdv = dv.data<S>();
-    const bool threaded = worth_threading(B, T, H, D, window);
-
-    // Query pass: dS_tj = P_tj (dout_t . v_j - delta_t);  dq_t = scale sum_j dS_tj k_j.
-#pragma omp parallel if (threaded)
+#pragma omp parallel if (worth_threading(B, T, H, D, window))
     {
-      std::vector<double> acc(static_cast<size_t>(D));
-#pragma omp for collapse(3) schedule(dynamic, 4)
+      static thread_local std::vector<S> p, dp;  // P and dP, then dS, of one block [n, keys]
+#pragma omp for collapse(2) schedule(dynamic, 1)
       for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t t = 0; t < T; ++t) {
-            const int64_t base = b * T * row + h * D;
-            const int64_t off = base + t * row;
-            const double lse_t = double(pl[(b * H + h) * T + t]);
-            const double delta_t = dot_double(pdo + off, po + off, D);
-            delta[size_t((b * H + h) * T + t)] = delta_t;
-            std::fill(acc.begin(), acc.end(), 0.0);
-            for (int64_t j = key_begin(t, window); j <= t; ++j) {
-              const S* kj = pk + base + j * row;
-              const double p = std::exp(scale * dot_double(pq + off, kj, D) - lse_t);
-              const double ds = p * (dot_double(pdo + off, pv + base + j * row, D) - delta_t);
-              for (int64_t d = 0; d < D; ++d) acc[d] += ds * double(kj[d]);
-            }
-            for (int64_t d = 0; d < D; ++d) pdq[off + d] = S(scale * acc[d]);
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t base = b * T * row + h * D;
+          for (int64_t t = 0; t < T; ++t) {  // dK, dV of this head accumulate over the blocks
+            std::fill_n(pdk + base + t * row, D, S(0));
+            std::fill_n(pdv + base + t * row, D, S(0));
           }
-    }
-
-    // Key pass: dv_j = sum_t P_tj dout_t;  dk_j = scale sum_t dS_tj q_t, over t in [j, end(j)].
-#pragma omp parallel if (threaded)
-    {
-      std::vector<double> acc_k(static_cast<size_t>(D)), acc_v(static_cast<size_t>(D));
-#pragma omp for collapse(3) schedule(dynamic, 4)
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t j = 0; j < T; ++j) {
-            const int64_t base = b * T * row + h * D;
-            const int64_t off = base + j * row;
-            std::fill(acc_k.begin(), acc_k.end(), 0.0);
-            std::fill(acc_v.begin(), acc_v.end(), 0.0);
-            const int64_t t1 = query_end(j, T, window);
-            for (int64_t t = j; t <= t1; ++t) {
-              const S* qt = pq + base + t * row;
-              const S* do_t = pdo + base + t * row;
-              const int64_t stat = (b * H + h) * T + t;
-              const double p = std::exp(scale * dot_double(qt, pk + off, D) - double(pl[stat]));
-              const double ds = p * (dot_double(do_t, pv + off, D) - delta[size_t(stat)]);
-              for (int64_t d = 0; d < D; ++d) {
-                acc_v[d] += p * double(do_t[d]);
-                acc_k[d] += ds * double(qt[d]);
-              }
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            const QueryBlock qb(blk, T, window);
+            const int64_t qo = base + qb.t0 * row, ko = base + qb.kb * row;  // block's first rows
+            p.resize(size_t(qb.n * qb.nk));
+            dp.resize(p.size());
+            gemm_rm<S>(false, true, qb.n, qb.nk, D, S(scale), pq + qo, row, pk + ko, row, S(0),
+                       p.data(), qb.nk);
+            block_probabilities<S>(p.data(), qb, window, pl + (b * H + h) * T + qb.t0, nullptr);
+            gemm_rm<S>(false, true, qb.n, qb.nk, D, S(1), pdo + qo, row, pv + ko, row, S(0),
+                       dp.data(), qb.nk);
+            // dS_tj = P_tj (dP_tj - delta_t), delta_t = sum_j P_tj dP_tj (= dout_t . out_t, but
+            // from the same rounded dP: a row whose P is one-hot, e.g. window 1, gets dS = 0
+            // exactly, as in exact arithmetic).
+            for (int64_t r = 0; r < qb.n; ++r) {
+              S *pr = p.data() + r * qb.nk, *dr = dp.data() + r * qb.nk;
+              double sum = 0;
+#pragma omp simd reduction(+ : sum)
+              for (int64_t j = 0; j < qb.nk; ++j) sum += double(pr[j]) * double(dr[j]);
+              const S delta = S(sum);
+              for (int64_t j = 0; j < qb.nk; ++j) dr[j] = pr[j] * (dr[j] - delta);
             }
-            for (int64_t d = 0; d < D; ++d) {
-              pdk[off + d] = S(scale * acc_k[d]);
-              pdv[off + d] = S(acc_v[d]);
-            }
+            gemm_rm<S>(false, false, qb.n, D, qb.nk, S(scale), dp.data(), qb.nk, pk + ko, row,
+                       S(0), pdq + qo, row);
+            gemm_rm<S>(true, false, qb.nk, D, qb.n, S(scale), dp.data(), qb.nk, pq + qo, row,
+                       S(1), pdk + ko, row);
+            gemm_rm<S>(true, false, qb.nk, D, qb.n, S(1), p.data(), qb.nk, pdo + qo, row, S(1),
+                       pdv + ko, row);
           }
+        }
     }
   });
 }

@@ -1,7 +1,6 @@
 // CPU backend: memory, elementwise, reductions and GEMM.
 #include "kernels/cpu/cpu_backend.h"
 
-#include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -9,6 +8,7 @@
 
 #include "core/profile.h"
 #include "core/random.h"
+#include "kernels/cpu/blas.h"
 
 namespace nha {
 
@@ -224,7 +224,6 @@ void CpuBackend::gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
   NHA_CHECK((a_batch == batch || a_batch == 1) && (b_batch == batch || b_batch == 1))
       << "gemm batch sizes differ: " << a.str() << ", " << b.str() << ", " << c.str();
   const int64_t a_step = a_batch == 1 ? 0 : M * K, b_step = b_batch == 1 ? 0 : K * N;
-  const auto ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
   const int64_t lda = a.size(-1), ldb = b.size(-1);
   // OpenBLAS runs on one thread (the constructor): its own thread pool would share the cores with
   // OpenMP's threads, which spin for a while after every parallel region (docs/training.md, CPU
@@ -245,11 +244,7 @@ void CpuBackend::gemm(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
       const T* pa = a.data<T>() + i * a_step + (trans_a ? r0 : r0 * lda);
       const T* pb = b.data<T>() + i * b_step;
       T* pc = c.data<T>() + i * M * N + r0 * N;
-      if constexpr (std::is_same_v<T, float>)
-        cblas_sgemm(CblasRowMajor, ta, tb, rows, N, K, float(alpha), pa, lda, pb, ldb,
-                    float(beta), pc, N);
-      else
-        cblas_dgemm(CblasRowMajor, ta, tb, rows, N, K, alpha, pa, lda, pb, ldb, beta, pc, N);
+      gemm_rm<T>(trans_a, trans_b, rows, N, K, T(alpha), pa, lda, pb, ldb, T(beta), pc, N);
     }
   });
 }

@@ -29,20 +29,6 @@ void dispatch_floating(const Tensor& t, const char* op, F&& fn) {
   }
 }
 
-// sum_i a[i] * b[i], accumulated in double over four interleaved partial sums: a single running
-// sum is bound by the latency of its adds, four independent ones vectorize (the attention and NHA
-// reference kernels spend most of their time here). The order of the sum, so its last bits,
-// differs from a left-to-right sum.
-template <typename T>
-inline double dot_double(const T* a, const T* b, int64_t n) {
-  double acc[4] = {0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4)
-    for (int k = 0; k < 4; ++k) acc[k] += double(a[i + k]) * double(b[i + k]);
-  for (; i < n; ++i) acc[0] += double(a[i]) * double(b[i]);
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
-}
-
 // Reads token ids of either integer dtype as int64.
 inline int64_t id_at(const Tensor& ids, int64_t i) {
   return ids.dtype() == DType::I32 ? int64_t(static_cast<const int32_t*>(ids.data_ptr())[i])

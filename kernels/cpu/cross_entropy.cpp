@@ -1,9 +1,11 @@
 // CPU cross-entropy per row: losses forward, logits gradient backward (softmax never stored).
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "core/profile.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/vec_math.h"
 
 namespace nha {
 
@@ -24,15 +26,6 @@ void check_targets(const Tensor& targets, int64_t N, int64_t V, int64_t ignore_i
   }
 }
 
-// log sum_c exp(x[c]) = m + log sum_c exp(x[c] - m), m = max_c x[c]; summed in double.
-template <typename T>
-double logsumexp(const T* x, int64_t V) {
-  const double m = double(*std::max_element(x, x + V));
-  double s = 0;
-  for (int64_t c = 0; c < V; ++c) s += std::exp(double(x[c]) - m);
-  return m + std::log(s);
-}
-
 }  // namespace
 
 // losses[n] = logsumexp_c(logits[n,c]) - logits[n, targets[n]], or 0 where targets[n] == ignore
@@ -45,10 +38,21 @@ void CpuBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits, con
   dispatch_floating(logits, "cross_entropy_forward", [&]<typename T>() {
     const T* x = logits.data<T>();  // [N, V]
     T* l = losses.data<T>();        // [N]
-#pragma omp parallel for schedule(static) if (N * V > 16384)
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t t = id_at(targets, n);
-      l[n] = t == ignore_index ? T(0) : T(logsumexp(x + n * V, V) - double(x[n * V + t]));
+#pragma omp parallel if (N * V > 16384)
+    {
+      static thread_local std::vector<T> e;  // one row's exps [V], kept across calls
+      e.resize(size_t(V));
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t t = id_at(targets, n);
+        if (t == ignore_index) {
+          l[n] = T(0);
+          continue;
+        }
+        // log sum_c exp(x_c) - x_t = m + log sum_c exp(x_c - m) - x_t
+        const auto [m, sum] = exp_minus_max(e.data(), x + n * V, V);
+        l[n] = T(double(m) + std::log(sum) - double(x[n * V + t]));
+      }
     }
   });
 }
@@ -74,17 +78,13 @@ void CpuBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
         continue;
       }
       // One exp per logit (logsumexp then softmax took two): row first holds exp(x - max), then
-      // the gradient, from the row's sum of those exps.
-      const T* xr = x + n * V;
-      const double m = double(*std::max_element(xr, xr + V)), g = dl[n];
-      double sum = 0;
-      for (int64_t c = 0; c < V; ++c) {
-        const double e = std::exp(double(xr[c]) - m);
-        sum += e;
-        row[c] = T(e);
-      }
-      const double inv = 1.0 / sum;
-      for (int64_t c = 0; c < V; ++c) row[c] = T(g * (double(row[c]) * inv - (c == t)));
+      // the gradient, from the row's sum of those exps. (row may alias the logits.)
+      const double sum = exp_minus_max(row, x + n * V, V).second, g = dl[n];
+      const double p_t = double(row[t]) / sum;  // the target's term in double: p_t - 1 may cancel
+      const T scale = T(g / sum);
+#pragma omp simd
+      for (int64_t c = 0; c < V; ++c) row[c] *= scale;
+      row[t] = T(g * (p_t - 1));
     }
   });
 }

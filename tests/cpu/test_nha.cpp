@@ -235,6 +235,52 @@ TEST(Nha, F32MatchesF64) {
   }
 }
 
+// The GEMM kernels at odd sizes (T = 131 crosses chunks of 32 and 64 and is a multiple of
+// neither; odd heads, head dims and slots) for ordinary, strong (f ~ N(-12, 2)) and extreme
+// (f ~ N(-60, 2)) gate logits, f32 and f64, outputs poisoned with NaN: the f64 forward against the
+// recurrence to 1e-12, the f32 forward against the recurrence and the f32 backward against the
+// f64 backward on the same (f32-representable) inputs.
+TEST(Nha, KernelsMatchReferenceAtOddSizesAndDecays) {
+  const int64_t B = 2, T = 131, H = 3, Dk = 5, Dv = 7;
+  uint64_t seed = 9000;
+  for (double f_mean : {0.0, -12.0, -60.0})
+    for (int64_t M : {3, 16})
+      for (int64_t w : {0, 1, 5, 33, 200}) {
+        NhaInputs x = random_inputs(B, T, H, Dk, Dv, M, seed += 10, DType::F32);
+        {
+          autograd::NoGradGuard no_grad;
+          const Tensor f = randn(x.g.shape(), seed + 1, DType::F32, 2.0) +
+                           Tensor::full(x.g.shape(), f_mean, DType::F32);
+          x.g = nha_gates(f).first;
+        }
+        const Tensor dout = randn(x.v.shape(), seed + 2, DType::F32);
+        std::vector<Tensor> grads[2];
+        for (DType dt : {DType::F32, DType::F64}) {
+          NhaInputs y;
+          y.q = x.q.to(dt), y.k = x.k.to(dt), y.qr = x.qr.to(dt), y.kr = x.kr.to(dt);
+          y.v = x.v.to(dt), y.s = x.s.to(dt), y.g = x.g.to(dt);
+          Backend& be = backend_for(y.q);
+          Tensor out = Tensor::full(y.v.shape(), std::nan(""), dt);
+          Tensor lse = Tensor::full({B, H, T}, std::nan(""), dt);
+          be.nha_forward(out, lse, y.q, y.k, y.qr, y.kr, y.v, y.s, y.g, 0.4, w);
+          auto [ref_out, ref_lse] =
+              nha_recurrent_forward(y.q, y.k, y.qr, y.kr, y.v, y.s, y.g, 0.4, w);
+          const double tol = dt == DType::F64 ? 1e-12 : 1e-6;
+          EXPECT_LT(rel_rms(out, ref_out), tol)
+              << dtype_name(dt) << " f=" << f_mean << " M=" << M << " w=" << w;
+          EXPECT_LT(rel_rms(lse, ref_lse), tol)
+              << dtype_name(dt) << " f=" << f_mean << " M=" << M << " w=" << w;
+          std::vector<Tensor>& d = grads[dt == DType::F64];
+          for (const Tensor& t : y.all()) d.push_back(Tensor::full(t.shape(), std::nan(""), dt));
+          be.nha_backward(d[0], d[1], d[2], d[3], d[4], d[5], d[6], dout.to(dt), y.q, y.k, y.qr,
+                          y.kr, y.v, y.s, y.g, out, lse, 0.4, w);
+        }
+        for (size_t i = 0; i < grads[0].size(); ++i)
+          EXPECT_LT(rel_rms(grads[0][i], grads[1][i]), 1e-5)
+              << "f=" << f_mean << " M=" << M << " w=" << w << " grad " << i;
+      }
+}
+
 // ---- gradients ----------------------------------------------------------------------------------
 
 TEST(Nha, GradcheckF64AllInputs) {

@@ -307,6 +307,67 @@ TEST(Attention, ForwardAndBackwardMatchNaive) {
   }
 }
 
+// The blocked kernels (query blocks of 64 rows) at odd sizes that cross blocks: T not a multiple
+// of the block, odd heads and head dims, windows on both sides of the block size. The kernels are
+// called directly with NaN-poisoned outputs; forward and backward against the naive references,
+// f64 to 1e-12 and f32 to 2e-6 (f32 rounding of the inputs' products, nothing more).
+TEST(Attention, BlockedKernelsMatchNaiveAtOddSizes) {
+  uint64_t seed = 900;
+  for (Size s : {Size{2, 131, 3, 5}, Size{1, 67, 1, 7}})
+    for (int64_t window : {0, 1, 5, 63, 64, 65, 100, 200})
+      for (DType dt : {DType::F64, DType::F32}) {
+        const Shape shape{s.B, s.T, s.H, s.D};
+        // f32-representable inputs, so the f64 references see exactly the kernel's inputs.
+        const Tensor q = randn(shape, ++seed, DType::F32).to(dt),
+                     k = randn(shape, ++seed, DType::F32).to(dt),
+                     v = randn(shape, ++seed, DType::F32).to(dt),
+                     g = randn(shape, ++seed, DType::F32).to(dt);
+        const double scale = 0.37, tol = dt == DType::F64 ? 1e-12 : 2e-6;
+        Backend& be = backend_for(q);
+        Tensor out = Tensor::full(shape, std::nan(""), dt);
+        Tensor lse = Tensor::full({s.B, s.H, s.T}, std::nan(""), dt);
+        be.attention_forward(out, lse, q, k, v, scale, window);
+        auto [ref_out, ref_lse] = naive_attention(q, k, v, window, scale);
+        EXPECT_LT(rel_rms(out, ref_out), tol) << "T=" << s.T << " w=" << window;
+        EXPECT_LT(rel_rms(lse, ref_lse), tol) << "T=" << s.T << " w=" << window;
+        Tensor d[3];
+        for (Tensor& t : d) t = Tensor::full(shape, std::nan(""), dt);
+        be.attention_backward(d[0], d[1], d[2], g, q, k, v, out, lse, scale, window);
+        const std::vector<Tensor> ref = naive_attention_backward(q, k, v, g, window, scale);
+        for (int j = 0; j < 3; ++j)
+          EXPECT_LT(rel_rms(d[j], ref[j]), tol) << "grad " << j << " T=" << s.T << " w=" << window;
+      }
+}
+
+// The blocked backward against float64 central differences of sum(out * g) along a random
+// direction of (q, k, v), at a size that crosses query blocks.
+TEST(Attention, BlockedBackwardMatchesFiniteDifferences) {
+  const Shape shape{2, 131, 3, 5};
+  uint64_t seed = 950;
+  for (int64_t window : {0, 7, 70}) {
+    std::vector<Tensor> in, dir;
+    for (int i = 0; i < 3; ++i) {
+      in.push_back(randn(shape, ++seed).set_requires_grad(true));
+      dir.push_back(randn(shape, ++seed));
+    }
+    const Tensor g = randn(shape, ++seed);
+    attention(in[0], in[1], in[2], window).backward(g);
+    double analytic = 0;
+    for (int i = 0; i < 3; ++i) {
+      const std::vector<double> gv = in[i].grad().to_vector<double>(),
+                                dv = dir[i].to_vector<double>();
+      for (size_t e = 0; e < gv.size(); ++e) analytic += gv[e] * dv[e];
+    }
+    auto loss_at = [&](double eps) {
+      autograd::NoGradGuard no_grad;
+      return sum(attention(in[0] + dir[0] * eps, in[1] + dir[1] * eps, in[2] + dir[2] * eps,
+                           window) * g).item<double>();
+    };
+    const double h = 1e-5, numeric = (loss_at(h) - loss_at(-h)) / (2 * h);
+    EXPECT_NEAR(analytic, numeric, 1e-7 * std::abs(numeric)) << "w=" << window;
+  }
+}
+
 TEST(Attention, BadInputsFailClearly) {
   Tensor q = randn({2, 5, 3, 4}, 91), k = randn({2, 5, 3, 4}, 92), v = randn({2, 5, 3, 4}, 93);
   EXPECT_THROW(attention(q, randn({2, 5, 3, 3}, 94), v), Error);   // head dim differs
