@@ -1,6 +1,7 @@
 #include "train/bucket_reducer.h"
 
 #include <algorithm>
+#include <iomanip>
 #include <sstream>
 
 namespace nha::dist {
@@ -99,8 +100,8 @@ std::string BucketReducer::bucket_name(size_t b) const {
 
 std::string BucketReducer::layout_summary() const {
   std::ostringstream s;
-  s << plan_.buckets.size() << " gradient buckets of <= " << bucket_mib_ << " MiB over "
-    << index_.size() << " parameters";
+  s << plan_.buckets.size() << " gradient buckets of <= " << std::setprecision(3) << bucket_mib_
+    << " MiB over " << index_.size() << " parameters";
   return s.str();
 }
 
