@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "core/clock.h"
+#include "kernels/backend.h"
 #include "train/bucket_reducer.h"
 #include "train/mpi_check.h"
 
@@ -196,11 +197,7 @@ class MpiGradReducer final : public BucketReducer {
   void wait_all() override {
     wait_started();
     Tensor& sums = zero() ? grad_shard() : grads().buffer();  // (total / world,) or (total,) f32
-    const float inv = 1.0f / float(group_.world_size());
-    float* g = sums.data<float>();
-    const int64_t n = sums.numel();
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) g[i] *= inv;
+    backend_for(sums).scale(sums, sums, 1.0 / double(group_.world_size()));
   }
 
   // Each rank's slice of bucket b of `flat` sits at bucket_begin(b) + rank x slice_size(b).

@@ -115,17 +115,17 @@ std::shared_ptr<const data::ShardSet> open_split(const std::string& path, const 
   return data::ShardSet::open(path, split);
 }
 
-int64_t count_targets(const Tensor& targets) {
-  int64_t n = 0;
-  for (int32_t t : targets.to_vector<int32_t>()) n += t != data::kIgnoreIndex;
-  return n;
-}
+// The targets of a micro-batch [micro, T] (on the host) that count: their number, and when at
+// most half of the rows count (MQAR: the query positions) their flattened rows and targets ([n]
+// i32 each, `sparse`) for LanguageModel::loss_on_rows; when most rows count (language modelling)
+// the dense loss needs no gather and `sparse` is false.
+struct CountedTargets {
+  int64_t count = 0;
+  bool sparse = false;
+  Tensor rows, targets;
+};
 
-// The rows of a micro-batch's targets [micro, T] (on the host) that count, with their targets:
-// ([n], [n]) i32 when at most half of the rows count (MQAR: the query positions), for
-// LanguageModel::loss_on_rows; nothing when most rows count (language modelling), where the dense
-// loss needs no gather.
-std::optional<std::pair<Tensor, Tensor>> sparse_targets(const Tensor& targets) {
+CountedTargets counted_targets(const Tensor& targets) {
   const std::vector<int32_t> all = targets.contiguous().to_vector<int32_t>();
   std::vector<int32_t> rows, kept;
   for (size_t r = 0; r < all.size(); ++r)
@@ -133,9 +133,14 @@ std::optional<std::pair<Tensor, Tensor>> sparse_targets(const Tensor& targets) {
       rows.push_back(int32_t(r));
       kept.push_back(all[r]);
     }
-  if (rows.empty() || 2 * rows.size() > all.size()) return std::nullopt;
-  const int64_t n = int64_t(rows.size());
-  return std::pair{Tensor::from_vector<int32_t>(rows, {n}), Tensor::from_vector<int32_t>(kept, {n})};
+  CountedTargets c;
+  c.count = int64_t(rows.size());
+  c.sparse = c.count > 0 && 2 * rows.size() <= all.size();
+  if (c.sparse) {
+    c.rows = Tensor::from_vector<int32_t>(rows, {c.count});
+    c.targets = Tensor::from_vector<int32_t>(kept, {c.count});
+  }
+  return c;
 }
 
 }  // namespace
@@ -384,10 +389,11 @@ double Trainer::forward_backward(const data::Batch& batch, int64_t step) {
     Tensor loss;  // fp32 scalar (f64 only in float64 tests)
     {
       AutocastGuard autocast(compute_dtype_);
-      if (auto rows = sparse_targets(y))
-        loss = model_->loss_on_rows(x, rows->first.to(device_), rows->second.to(device_));
-      else  // the count from the host copy: no read-back of device targets
-        loss = model_->loss(x, y.to(device_), count_targets(y));
+      const CountedTargets c = counted_targets(y);  // from the host copy: no device read-back
+      if (c.sparse)
+        loss = model_->loss_on_rows(x, c.rows.to(device_), c.targets.to(device_));
+      else
+        loss = model_->loss(x, y.to(device_), c.count);
     }
     if (options_.loss_hook) loss = options_.loss_hook(step, i, loss);
     Tensor detached = loss.detach();
@@ -509,7 +515,7 @@ ValStats Trainer::validate() {
   int64_t correct = 0;
   auto run = [&](const data::Batch& b, bool accuracy) {
     Tensor x = b.inputs.to(device_), y = b.targets.to(device_);
-    const int64_t n = count_targets(b.targets);
+    const int64_t n = counted_targets(b.targets).count;
     if (n == 0) return;
     if (!accuracy) {
       loss_sum += model_->loss(x, y).item<double>() * double(n);
